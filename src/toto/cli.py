@@ -1,0 +1,68 @@
+"""The `toto` command: one entry point, one module per subcommand under toto.commands.
+
+Each command module defines ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int | None``.
+Errors a user can fix (toto.errors.TotoError) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import TotoError
+
+# subcommand -> module under toto.commands (listed in the order `toto --help` shows them)
+COMMANDS = {
+    "quickstart": "quickstart",
+    "tokenizer": "tokenizer",
+    "tokenize": "tokenize",
+    "detokenize": "detokenize",
+    "train": "train",
+    "probe": "probe",
+    "track": "track",
+    "forecast": "forecast",
+    "scaling": "scaling",
+    "export": "export",
+    "params": "params",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="toto", description="Autoregressive pre-training from videos.")
+    parser.add_argument("--version", action="version", version=f"toto {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, mod_name in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"toto.commands.{mod_name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"toto.commands.{mod_name}":
+                raise
+            continue  # not built yet; the README lists what exists
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 1
+    try:
+        code = args._run(args)
+    except TotoError as e:
+        print(f"toto {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"toto {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Dataclass configs, named presets, YAML files and `section.field=value` overrides.
+
+All three routes (preset, YAML, command line) land on the same dataclasses, and ``validate``
+names the offending field for any impossible value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-style decoder. ``vocab_size``/``max_seq_len`` left as None are taken from the data."""
+
+    n_layers: int = 12
+    n_heads: int = 12
+    dim: int = 768
+    ffn_dim: int = 3072  # SwiGLU hidden width; presets pick it so counts match SPEC.md
+    vocab_size: int | None = 8196  # 8192 dVAE codes + 4 specials (see toto.vocab)
+    max_seq_len: int | None = 4098  # 16 frames x 256 tokens + start + end
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    mup_base_dim: int | None = None  # muP: width the hyper-parameters were tuned at (None: off)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None  # folder with index.json + shard files
+    val_fraction: float = 0.005
+    val_max_sequences: int = 512  # cap on the held-out split so validation stays cheap
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/toto"
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 2000
+    max_steps: int = 100_000
+    batch_tokens: int = 2**20  # tokens per optimizer step (1M as in the paper)
+    micro_batch_size: int = 8  # sequences per forward pass; gradient accumulation fills the rest
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 500
+    eval_batches: int = 20
+    ckpt_interval: int = 1000
+    keep_checkpoints: int = 3
+    log_interval: int = 10
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    compile: bool = False
+    activation_checkpointing: bool = False
+    tensorboard: bool = True
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# Named presets: overrides applied on top of the defaults.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": {
+        "model": dict(n_layers=4, n_heads=4, dim=128, ffn_dim=512, vocab_size=None, max_seq_len=None),
+        "data": dict(val_fraction=0.1, val_max_sequences=64),
+        "train": dict(lr=2e-3, warmup_steps=20, max_steps=200, batch_tokens=8192,
+                      micro_batch_size=8, eval_interval=50, eval_batches=4, ckpt_interval=50,
+                      log_interval=5, weight_decay=0.05),
+    },
+    "base": {"model": dict(n_layers=12, n_heads=12, dim=768, ffn_dim=3072)},
+    "large": {"model": dict(n_layers=16, n_heads=16, dim=1024, ffn_dim=4096)},
+    "1b": {"model": dict(n_layers=22, n_heads=16, dim=2048, ffn_dim=5632)},
+}
+
+
+def _field_type(cls, name: str):
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Convert YAML/CLI values to the annotated type, or raise naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0], where)
+    if value is None:
+        raise ConfigError(f"{where}: must not be empty")
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}") from None
+    return value
+
+
+def _apply(cfg: Config, section: str, values: dict, source: str) -> None:
+    sub = getattr(cfg, section, None)
+    if sub is None or not dataclasses.is_dataclass(sub):
+        raise ConfigError(f"{source}: unknown config section {section!r} (expected model, data or train)")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {section!r} must be a mapping")
+    names = {f.name for f in dataclasses.fields(sub)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown field {section}.{key} (known: {', '.join(sorted(names))})")
+        setattr(sub, key, _coerce(value, _field_type(type(sub), key), f"{section}.{key}"))
+
+
+def apply_dict(cfg: Config, d: dict, source: str = "config") -> Config:
+    for section, values in d.items():
+        if section == "preset":
+            continue
+        _apply(cfg, section, values, source)
+    return cfg
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (available: {', '.join(PRESETS)})")
+    return apply_dict(Config(), PRESETS[name], f"preset {name}")
+
+
+def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        d = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with model/data/train sections")
+    if cfg is None:
+        cfg = preset(d["preset"]) if "preset" in d else Config()
+    return apply_dict(cfg, d, str(path))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.lr=1e-3")
+        key, raw = item.split("=", 1)
+        section, name = key.split(".", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        _apply(cfg, section, {name: value}, "command line")
+    return cfg
+
+
+def build_config(preset_name: str | None = None, yaml_path: str | None = None,
+                 overrides: list[str] | None = None) -> Config:
+    """Preset, then YAML, then command-line overrides; validated."""
+    cfg = preset(preset_name) if preset_name else Config()
+    if yaml_path:
+        cfg = load_yaml(yaml_path, cfg)
+    apply_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def _positive(obj, section: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and not v > 0:
+            raise ConfigError(f"{section}.{n} must be > 0, got {v}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _positive(m, "model", "n_layers", "n_heads", "dim", "ffn_dim", "vocab_size", "max_seq_len",
+              "rope_base", "norm_eps", "init_std", "mup_base_dim")
+    if m.dim % m.n_heads:
+        raise ConfigError(f"model.dim={m.dim} is not divisible by model.n_heads={m.n_heads}")
+    if m.head_dim % 2:
+        raise ConfigError(f"model.dim / model.n_heads = {m.head_dim} must be even for rotary embeddings")
+
+
+def validate(cfg: Config) -> Config:
+    validate_model(cfg.model)
+    d, t = cfg.data, cfg.train
+    if not 0 <= d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    _positive(t, "train", "lr", "max_steps", "batch_tokens", "micro_batch_size", "eval_interval",
+              "eval_batches", "ckpt_interval", "keep_checkpoints", "log_interval")
+    for n in ("warmup_steps",):
+        if getattr(t, n) < 0:
+            raise ConfigError(f"train.{n} must be >= 0, got {getattr(t, n)}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    for n in ("beta1", "beta2"):
+        if not 0 <= getattr(t, n) < 1:
+            raise ConfigError(f"train.{n} must be in [0, 1), got {getattr(t, n)}")
+    if t.weight_decay < 0 or t.grad_clip < 0:
+        raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
+    if t.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    if not math.isfinite(t.lr):
+        raise ConfigError(f"train.lr must be finite, got {t.lr}")
+    return cfg
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a config saved with ``Config.to_dict`` (checkpoints)."""
+    return validate(apply_dict(Config(), d, "saved config"))

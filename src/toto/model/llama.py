@@ -1,0 +1,243 @@
+"""The Toto model: a LLaMA-style causal transformer over visual tokens, in one file.
+
+Reads top to bottom: config (toto.config.ModelConfig), RMSNorm, rotary embeddings, attention
+(with an optional static KV cache for generation), SwiGLU MLP, block, model.
+
+Choices worth knowing:
+- RoPE uses the "rotate half" pair layout (dimension i pairs with i + head_dim/2), the layout
+  of Hugging Face's Llama, so exported q/k weights need no permutation.
+- q, k, v share one fused projection, and so do SwiGLU's gate and up projections: fewer,
+  larger matmuls. No biases anywhere.
+- The output head is untied from the token embedding by default, as in LLaMA: the embedding
+  of a visual code and the direction that predicts it play different roles, and at 8k
+  vocabulary the extra parameters are small (6.3M at width 768).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig, validate_model
+from ..errors import ConfigError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 for stability under bf16 autocast, then cast back
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables ``(max_len, head_dim)`` for the rotate-half layout."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)  # (L, D/2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x: (B, H, T, D)`` by position; ``cos/sin: (T, D)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values ``(B, H, max_len, D)``; one slice write per new token."""
+
+    def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        super().__init__()
+        shape = (batch, n_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        B, _, T, _ = k.shape
+        if B > self.k.shape[0] or pos + T > self.k.shape[2]:
+            raise ValueError(f"KV cache of batch {self.k.shape[0]} and length {self.k.shape[2]} cannot "
+                             f"hold batch {B} at positions {pos}..{pos + T - 1}")
+        self.k[:B, :, pos:pos + T] = k
+        self.v[:B, :, pos:pos + T] = v
+        return self.k[:B, :, :pos + T], self.v[:B, :, :pos + T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.scale: float | None = None  # None: SDPA's 1/sqrt(head_dim); muP sets 1/head_dim
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int | None) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if pos is None:  # plain causal pass over the whole sequence
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:  # incremental pass: attend to everything cached so far plus these T tokens
+            k, v = self.cache.update(pos, k, v)
+            mask = None
+            if T > 1:
+                i = torch.arange(T, device=x.device)[:, None] + pos
+                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return self.wo(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(x W_gate) * (x W_up)); gate and up fused in ``w13``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.w13 = nn.Linear(cfg.dim, 2 * cfg.ffn_dim, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, pos)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Toto(nn.Module):
+    """Decoder-only transformer. ``tokens: (B, T) int64`` -> ``logits: (B, T, vocab)``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None or cfg.max_seq_len is None:
+            raise ConfigError("model.vocab_size and model.max_seq_len must be set (they come from "
+                              "the data's index when left empty)")
+        validate_model(cfg)
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight
+        self.activation_checkpointing = False
+        self.logit_scale = 1.0  # muP multiplies output logits by base_dim / dim
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("wo.weight", "w2.weight")):
+                # residual-branch outputs: keep the residual stream's variance flat in depth
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def num_params(self, include_embedding: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if include_embedding else n - self.tok_emb.weight.numel()
+
+    def set_rope_base(self, base: float) -> None:
+        """Change the RoPE base in place (resolution fine-tuning); weights are unchanged."""
+        self.cfg.rope_base = base
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, base)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def _check(self, tokens: torch.Tensor, start: int) -> None:
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
+        if start + tokens.shape[1] > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds the model context "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+
+    def _blocks(self, tokens: torch.Tensor, pos: int | None, upto: int):
+        """Yield the residual stream after the embedding (layer 0) and after each block."""
+        start = pos or 0
+        self._check(tokens, start)
+        T = tokens.shape[1]
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.tok_emb(tokens)
+        yield x
+        for block in self.layers[:upto]:
+            if self.activation_checkpointing and self.training and pos is None:
+                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, pos)
+            yield x
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
+                pos: int | None = None):
+        """Logits ``(B, T, V)``; with ``targets: (B, T)`` also the mean NLL (ignore index -1).
+
+        ``pos`` switches to incremental decoding against the KV cache set up by
+        ``setup_cache``: ``tokens`` sit at positions ``pos .. pos + T - 1``.
+        """
+        if pos is not None and self.layers[0].attn.cache is None:
+            raise RuntimeError("call setup_cache(batch, max_len) before decoding with pos=")
+        *_, x = self._blocks(tokens, pos, len(self.layers))
+        logits = self.head(self.norm(x)) * self.logit_scale
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.no_grad()
+    def hidden_states(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+        """Residual stream ``(B, T, dim)`` at each requested layer (0 = embeddings, i = after
+        block i, no final norm); stops after the deepest one asked for."""
+        bad = [l for l in layers if not 0 <= l <= len(self.layers)]
+        if bad:
+            raise ValueError(f"layers {bad} out of range 0..{len(self.layers)}")
+        want = set(layers)
+        out = {}
+        for i, x in enumerate(self._blocks(tokens, None, max(layers))):
+            if i in want:
+                out[i] = x
+        return out
+
+    def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        max_len = max_len or self.cfg.max_seq_len
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"cache length {max_len} exceeds the model context {self.cfg.max_seq_len}")
+        p = self.head.weight
+        for block in self.layers:
+            block.attn.cache = KVCache(batch, self.cfg.n_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
+
+    def clear_cache(self) -> None:
+        for block in self.layers:
+            block.attn.cache = None
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from the config alone (hand formula; tested against the module)."""
+    d, f, v, n = cfg.dim, cfg.ffn_dim, cfg.vocab_size, cfg.n_layers
+    per_layer = 4 * d * d + 3 * d * f + 2 * d
+    emb = v * d * (1 if cfg.tie_embeddings else 2)
+    return n * per_layer + emb + d

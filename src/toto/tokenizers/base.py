@@ -1,0 +1,112 @@
+"""The tokenizer interface and the one registry that loads any tokenizer file.
+
+A tokenizer turns frames ``(N, H, W, 3) uint8`` into codes ``(N, H/d, W/d) int64`` and back.
+Every tokenizer is stored as one safetensors file whose metadata names its kind and config,
+so ``get_tokenizer(path)`` can load any of them and shard indexes can record ``identity()``.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+
+KIND_KEY = "toto_tokenizer_kind"
+CONFIG_KEY = "toto_tokenizer_config"
+
+
+class Tokenizer(ABC):
+    kind: str = ""  # registry key, stored in the file's metadata
+
+    n_codes: int  # codebook size K (codes are 0..K-1)
+    downsample: int  # pixels per code along each side (8 for the DALL-E dVAE)
+    resolution: int  # square frame size in pixels this tokenizer is used at
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.resolution // self.downsample, self.resolution // self.downsample)
+
+    @abstractmethod
+    def encode(self, frames: np.ndarray) -> np.ndarray:
+        """``frames: (N, H, W, 3) uint8`` -> ``codes: (N, H/d, W/d) int64``."""
+
+    @abstractmethod
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """``codes: (N, h, w)`` -> ``frames: (N, h*d, w*d, 3) uint8``."""
+
+    @abstractmethod
+    def config(self) -> dict:
+        """JSON-serialisable constructor arguments (saved in the file's metadata)."""
+
+    @abstractmethod
+    def save(self, path: str | Path) -> None:
+        """Write one safetensors file with ``metadata()`` as its metadata."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> "Tokenizer":
+        ...
+
+    def metadata(self) -> dict[str, str]:
+        return {KIND_KEY: self.kind, CONFIG_KEY: json.dumps(self.config())}
+
+    def identity(self) -> dict:
+        """What shard indexes and checkpoints record to detect a tokenizer mismatch."""
+        return {"kind": self.kind, "n_codes": self.n_codes, "downsample": self.downsample,
+                "resolution": self.resolution, "config": self.config()}
+
+    def check_frames(self, frames: np.ndarray, where: str = "frames") -> np.ndarray:
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise DataError(f"{where}: expected (N, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
+        if frames.shape[1] % self.downsample or frames.shape[2] % self.downsample:
+            raise DataError(f"{where}: frame size {frames.shape[1]}x{frames.shape[2]} is not a multiple "
+                            f"of the tokenizer's downsampling factor {self.downsample}")
+        return frames
+
+
+_REGISTRY: dict[str, type[Tokenizer]] = {}
+
+
+def register(cls: type[Tokenizer]) -> type[Tokenizer]:
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"tokenizer file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except Exception as e:  # safetensors raises its own types for a corrupt header
+        raise DataError(f"{path}: not a safetensors tokenizer file ({e})") from None
+
+
+def get_tokenizer(path: str | Path, device: str = "cpu") -> Tokenizer:
+    """Load any tokenizer file written by ``Tokenizer.save``."""
+    _import_builtin()
+    meta = read_metadata(path)
+    kind = meta.get(KIND_KEY)
+    if kind not in _REGISTRY:
+        raise DataError(f"{path}: unknown tokenizer kind {kind!r} (known: {', '.join(sorted(_REGISTRY))})")
+    return _REGISTRY[kind].load(path, device=device)
+
+
+def _import_builtin() -> None:
+    """Importing the modules registers their classes."""
+    import importlib
+
+    for mod in ("dvae", "patch"):
+        try:
+            importlib.import_module(f"toto.tokenizers.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"toto.tokenizers.{mod}":
+                raise
