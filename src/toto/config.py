@@ -200,9 +200,10 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 def build_config(preset_name: str | None = None, yaml_path: str | None = None,
                  overrides: list[str] | None = None) -> Config:
     """Preset, then YAML, then command-line overrides; validated."""
-    cfg = preset(preset_name) if preset_name else Config()
+    cfg = preset(preset_name) if preset_name else None
     if yaml_path:
-        cfg = load_yaml(yaml_path, cfg)
+        cfg = load_yaml(yaml_path, cfg)  # a YAML `preset:` key applies when --preset is not given
+    cfg = cfg or Config()
     apply_overrides(cfg, overrides or [])
     validate(cfg)
     return cfg

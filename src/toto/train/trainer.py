@@ -205,8 +205,11 @@ class Trainer:
         return ckpt.save_checkpoint(self.out, self.step, self.model, self.cfg, state, self.optimizer,
                                     keep=self.cfg.train.keep_checkpoints)
 
-    def fit(self) -> RunSummary:
+    def fit(self, until: int | None = None) -> RunSummary:
+        """Train to ``train.max_steps`` (or stop early at step ``until``, with a checkpoint there;
+        the schedule still follows max_steps, so a later ``--resume`` continues seamlessly)."""
         t = self.cfg.train
+        stop = min(until or t.max_steps, t.max_steps)
         self.out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.out / "config.json", self.cfg.to_dict())
         tb = _tensorboard(self.out) if t.tensorboard else None
@@ -218,7 +221,7 @@ class Trainer:
         loss, val, last_ckpt = float("nan"), None, ckpt.latest_checkpoint(self.out)
         tic = time.perf_counter()
         try:
-            while self.step < t.max_steps:
+            while self.step < stop:
                 loss, gnorm = self.train_step()
                 self.step += 1
                 self.state["tokens"] += tokens_per_step
@@ -236,7 +239,7 @@ class Trainer:
                         self._log({"step": self.step, "val_loss": val}, tb)
                         bar.write(f"step {self.step}: train {loss:.4f}  val {val:.4f}  "
                                   f"(uniform {uniform:.4f})")
-                if self.step % t.ckpt_interval == 0 or self.step == t.max_steps:
+                if self.step % t.ckpt_interval == 0 or self.step == stop:
                     last_ckpt = self.save()
         except KeyboardInterrupt:
             bar.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")

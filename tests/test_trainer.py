@@ -1,0 +1,128 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import write_shards
+from toto.cli import main
+from toto.config import build_config
+from toto.errors import TrainingError
+from toto.ioutil import read_jsonl
+from toto.train.trainer import Trainer, lr_at, param_groups, shift_targets
+
+TINY = ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
+        "train.micro_batch_size=4", "train.batch_tokens=144", "train.warmup_steps=5",
+        "train.eval_interval=10", "train.log_interval=1", "train.tensorboard=false", "train.lr=3e-3"]
+
+
+def cfg_for(data, out, steps, *extra):
+    return build_config("tiny", None, TINY + [f"data.path={data}", f"train.out_dir={out}",
+                                              f"train.max_steps={steps}", *extra])
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_lr_schedule_hand_values():
+    c = build_config("tiny", None, ["train.lr=1.0", "train.warmup_steps=10", "train.max_steps=110",
+                                     "train.min_lr_ratio=0.1"]).train
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(10, c) == pytest.approx(1.0)
+    assert lr_at(60, c) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
+    assert lr_at(110, c) == pytest.approx(0.1) and lr_at(500, c) == pytest.approx(0.1)
+
+
+def test_weight_decay_only_on_matrices():
+    from toto.model.llama import Toto
+
+    m = Toto(build_config("tiny", None, ["model.vocab_size=40", "model.max_seq_len=16"]).model)
+    decay, no_decay = param_groups(m, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
+    assert no_decay["weight_decay"] == 0.0
+
+
+def test_shift_targets_ignores_pad():
+    b = torch.tensor([[1, 5, 0, 2]])
+    x, y = shift_targets(b, pad_id=0)
+    assert x.tolist() == [[1, 5, 0]] and y.tolist() == [[5, -1, 2]]
+
+
+def test_loss_falls_well_below_uniform(tmp_path):
+    data = write_shards(tmp_path / "d", n_seq=96)
+    s = Trainer(cfg_for(data, tmp_path / "run", 60), progress=False).fit()
+    assert s.uniform_loss == pytest.approx(math.log(36))
+    assert s.val_loss < 0.7 * s.uniform_loss and s.train_loss < 0.7 * s.uniform_loss
+    ck = tmp_path / "run" / "checkpoints" / "step_00000060"
+    assert (ck / "model.safetensors").is_file() and (ck / "optimizer.safetensors").is_file()
+    state = json.loads((ck / "state.json").read_text())
+    assert state["step"] == 60 and state["vocab"]["vocab_size"] == 36
+
+
+def test_resume_reproduces_uninterrupted_curve(tmp_path):
+    data = write_shards(tmp_path / "d", n_seq=48)
+    Trainer(cfg_for(data, tmp_path / "a", 16), progress=False).fit()
+    Trainer(cfg_for(data, tmp_path / "b", 16), progress=False).fit(until=7)
+    Trainer(cfg_for(data, tmp_path / "b", 16), resume=True, progress=False).fit()
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 16
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+
+
+def test_nan_loss_is_an_error(tmp_path, monkeypatch):
+    data = write_shards(tmp_path / "d", n_seq=48)
+    tr = Trainer(cfg_for(data, tmp_path / "run", 5), progress=False)
+    real = tr.forward
+
+    def poisoned(x, t):
+        logits, loss = real(x, t)
+        return logits, loss * float("nan")
+
+    tr.forward = poisoned
+    with pytest.raises(TrainingError, match="loss became nan at step 0"):
+        tr.fit()
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "index.json not found" in err[0]
+    data = write_shards(tmp_path / "d", n_seq=48)
+    assert main(["train", "--preset", "tiny", "--data", str(data), "model.dim=130"]) == 2
+    assert "model.dim=130 is not divisible" in capsys.readouterr().err
+    assert main(["train", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "r"),
+                 "--resume"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_curve(tmp_path):
+    """A real SIGKILL in the middle of `toto train`, then `--resume`."""
+    data = write_shards(tmp_path / "d", n_seq=48)
+    args = ["--preset", "tiny", "--data", str(data), "--steps", "40", "--no-progress", *TINY,
+            "train.ckpt_interval=5"]
+    exe = [sys.executable, "-m", "toto.cli", "train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(exe + args + ["--out", str(tmp_path / "a")], check=True, env=env, capture_output=True)
+
+    run = tmp_path / "b"
+    proc = subprocess.Popen(exe + args + ["--out", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "step_00000015").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "summary.json").exists(), "the run finished before it was killed"
+    r = subprocess.run(exe + args + ["--out", str(run), "--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = losses(tmp_path / "a"), losses(run)
+    assert len(a) == len(b) == 40
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
