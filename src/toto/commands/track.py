@@ -1,0 +1,85 @@
+"""`toto track`: DAVIS-2017 label propagation with a frozen checkpoint's features; J&F table."""
+
+from __future__ import annotations
+
+HELP = "video object segmentation by label propagation (DAVIS-2017 layout), scored with J&F"
+
+
+def add_arguments(p):
+    p.add_argument("--data", required=True, metavar="DAVIS_ROOT",
+                   help="folder in the DAVIS-2017 layout (JPEGImages/480p, Annotations/480p, ImageSets/2017)")
+    p.add_argument("--out", required=True, help="results folder: <seq>/<frame>.png, results.json, overlay gif")
+    p.add_argument("--features", choices=["model", "pixels", "copy-first"], default="model",
+                   help="model hidden states (default), raw RGB patches, or the copy-the-first-mask baseline")
+    p.add_argument("--checkpoint", metavar="RUN_OR_CKPT", help="run folder or checkpoint folder (--features model)")
+    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file the checkpoint was trained with")
+    p.add_argument("--layer", type=int, default=None,
+                   help="hidden-state layer: 0 = embeddings, i = after block i (default: the middle one)")
+    p.add_argument("--context", choices=["image", "video"], default="image",
+                   help="each frame alone as an image sequence, or with its preceding frames as a video")
+    p.add_argument("--video-frames", type=int, default=4, help="frames in the causal window for --context video")
+    p.add_argument("--resize", choices=["square", "keep-aspect"], default="square",
+                   help="frame resizing before featurising (default square R x R)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="R in pixels (default: the tokenizer's; 128 for --features pixels)")
+    p.add_argument("--patch", type=int, default=8, help="patch size for --features pixels")
+    p.add_argument("--sequences", nargs="+", metavar="SEQ", help="only these sequences")
+    p.add_argument("--subset", default="val", help="ImageSets/2017/<subset>.txt lists the sequences")
+    p.add_argument("--n-last", type=int, default=7, help="most recent predicted frames used as context")
+    p.add_argument("--topk", type=int, default=5, help="neighbours kept jointly over the context")
+    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature on cosine similarity")
+    p.add_argument("--radius", type=int, default=None,
+                   help="neighbourhood radius in grid cells (default: DINO's 12 at 60 rows, scaled; 0 = off)")
+    p.add_argument("--no-norm-mask", action="store_true", help="skip DINO's per-object rescaling before argmax")
+    p.add_argument("--void", choices=["ignore", "background"], default="ignore",
+                   help="void (255) pixels: left out of J and F, or counted as background (official script)")
+    p.add_argument("--overlay", default="", metavar="SEQ",
+                   help="sequence to render as an overlay gif (default: the first; 'none' for no gif)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def build_features(args):
+    from ..errors import ConfigError
+    from ..eval.tracking import ModelFeatures, PixelFeatures
+
+    if args.features == "copy-first":
+        return None
+    if args.features == "pixels":
+        return PixelFeatures(args.resolution or 128, args.patch, args.resize)
+    if not args.checkpoint or not args.tokenizer:
+        raise ConfigError("--features model needs --checkpoint and --tokenizer "
+                          "(or use --features pixels / copy-first)")
+    from ..tokenizers.base import get_tokenizer
+    from ..train.checkpoint import load_model
+
+    device = _device(args.device)
+    tokenizer = get_tokenizer(args.tokenizer, device=str(device))
+    model, _, state = load_model(args.checkpoint, device)
+    return ModelFeatures(model, tokenizer, layer=args.layer, context=args.context,
+                         video_frames=args.video_frames, resize=args.resize, batch_size=args.batch_size,
+                         resolution=args.resolution, device=device, checkpoint_state=state)
+
+
+def run(args) -> int:
+    from ..eval.tracking import PropagationConfig, format_table, run_tracking
+
+    cfg = PropagationConfig(n_last=args.n_last, topk=args.topk, temperature=args.temperature,
+                            radius=args.radius, norm_mask=not args.no_norm_mask)
+    cfg.validate()
+    features = build_features(args)
+    result = run_tracking(args.data, args.out, features, cfg, sequences=args.sequences, subset=args.subset,
+                          void=args.void, overlay_sequence=None if args.overlay == "none" else args.overlay,
+                          progress=not args.no_progress)
+    print(format_table(result))
+    print(f"masks and results.json written to {args.out}")
+    return 0
