@@ -1,0 +1,114 @@
+"""`toto tokenizer convert-dalle | train | info`: make and inspect tokenizer files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HELP = "make a tokenizer file (convert the DALL-E dVAE weights, or train a dVAE / patch codebook) or inspect one"
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
+
+    c = sub.add_parser("convert-dalle", help="convert OpenAI's encoder.pkl/decoder.pkl into one safetensors file",
+                       description="Convert the official DALL-E dVAE pickles (which you download yourself) into a "
+                                   "toto tokenizer file. Reads the pickles without the dall-e package and without "
+                                   "running code from them.")
+    c.add_argument("--encoder", required=True, metavar="PKL", help="encoder.pkl (torch.save of dall_e.Encoder)")
+    c.add_argument("--decoder", required=True, metavar="PKL", help="decoder.pkl (torch.save of dall_e.Decoder)")
+    c.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    c.add_argument("--resolution", type=int, default=128, help="frame size the tokenizer is used at (default 128)")
+    c.set_defaults(_action=_convert)
+
+    t = sub.add_parser("train", help="train a tokenizer on frames from videos and images",
+                       description="Train a dVAE (Gumbel-softmax, KL to a uniform prior, logit-Laplace loss) or fit "
+                                   "a patch k-means codebook on frames pooled from the given media.")
+    t.add_argument("--kind", choices=("dvae", "patch"), default="dvae")
+    t.add_argument("--media", nargs="+", required=True, metavar="PATH",
+                   help="videos, images, folders (recursive) or .txt lists of them")
+    t.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    t.add_argument("--resolution", type=int, default=64, help="frame size to train at (default 64)")
+    t.add_argument("--max-frames", type=int, default=2000, help="frames pooled from the media (default 2000)")
+    t.add_argument("--stride", type=int, default=4, help="keep one video frame every STRIDE (default 4)")
+    t.add_argument("--n-codes", type=int, default=512, help="codebook size (default 512)")
+    t.add_argument("--seed", type=int, default=0)
+    d = t.add_argument_group("dvae options (defaults: a tiny dVAE that trains on a CPU)")
+    d.add_argument("--n-hid", type=int, help="width of the first group (DALL-E: 256; default 32)")
+    d.add_argument("--blocks", type=int, dest="n_blk_per_group", help="residual blocks per group (DALL-E: 2; default 1)")
+    d.add_argument("--groups", type=int, dest="group_count",
+                   help="groups; downsampling is 2**(groups-1) (DALL-E: 4, i.e. 8x; default 4)")
+    d.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
+    d.add_argument("--batch", type=int, dest="batch_size", help="frames per step (default 16)")
+    d.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
+    d.add_argument("--kl-weight", type=float, help="final KL weight (default 1.0)")
+    d.add_argument("--device", help="auto (default), cpu or cuda")
+    d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    pt = t.add_argument_group("patch options")
+    pt.add_argument("--patch", type=int, default=8, help="patch size in pixels (default 8)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    t.set_defaults(_action=_train)
+
+    i = sub.add_parser("info", help="print a tokenizer file's identity (kind, codes, resolution, config)")
+    i.add_argument("file", metavar="FILE")
+    i.set_defaults(_action=_info)
+
+
+def run(args) -> int:
+    return args._action(args)
+
+
+def _convert(args) -> int:
+    from ..errors import ConfigError
+    from ..tokenizers.dalle_convert import convert_dalle
+
+    if args.resolution < 1:
+        raise ConfigError(f"--resolution must be positive, got {args.resolution}")
+    tok = convert_dalle(args.encoder, args.decoder, resolution=args.resolution)
+    tok.save(args.out)
+    c = tok.cfg
+    print(f"wrote {args.out}: dVAE with {c.vocab_size} codes, n_hid {c.n_hid}, {c.group_count} groups x "
+          f"{c.n_blk_per_group} blocks, {tok.downsample}x downsampling, {tok.grid[0]}x{tok.grid[1]} codes per "
+          f"{c.resolution}px frame (weights {tok.fingerprint()})")
+    return 0
+
+
+def _train(args) -> int:
+    from ..data.media import sample_frames
+
+    frames = sample_frames([Path(m) for m in args.media], args.resolution, args.max_frames, seed=args.seed,
+                           stride=args.stride)  # (N, R, R, 3) uint8
+    print(f"pooled {len(frames)} frames of {args.resolution}x{args.resolution} from {len(args.media)} input(s)")
+    if args.kind == "patch":
+        from ..tokenizers.patch import PatchTokenizer
+        from ..tokenizers.train_dvae import codebook_usage, psnr_uint8
+
+        tok = PatchTokenizer.fit(frames, n_codes=args.n_codes, patch=args.patch, resolution=args.resolution,
+                                 seed=args.seed)
+        tok.save(args.out)
+        codes = tok.encode(frames)
+        use = codebook_usage(codes, tok.n_codes)
+        print(f"wrote {args.out}: patch tokenizer, {tok.n_codes} codes of {args.patch}x{args.patch} patches; "
+              f"on the fitting frames: PSNR {psnr_uint8(frames, tok.decode(codes)):.2f} dB, "
+              f"{use['used']}/{tok.n_codes} codes used")
+        return 0
+
+    from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
+
+    opts = {k: getattr(args, k) for k in ("n_hid", "n_blk_per_group", "group_count", "steps", "batch_size", "lr",
+                                          "kl_weight", "device") if getattr(args, k) is not None}
+    cfg = DVAETrainConfig(vocab_size=args.n_codes, resolution=args.resolution, seed=args.seed, **opts)
+    tok, rep = train_dvae(frames, cfg, args.out, progress=not args.no_progress, resume=not args.restart)
+    h = rep["held_out"]
+    print(f"wrote {args.out}: dVAE, {tok.n_codes} codes; held-out ({rep['frames']['held_out']} frames): "
+          f"PSNR {h['psnr']:.2f} dB, {h['used']}/{tok.n_codes} codes used ({100 * h['usage']:.1f}%), "
+          f"perplexity {h['perplexity']:.1f}; samples {rep['samples_png']}; report {rep['report_json']}")
+    return 0
+
+
+def _info(args) -> int:
+    from ..tokenizers.base import get_tokenizer
+
+    tok = get_tokenizer(args.file)
+    print(json.dumps(tok.identity(), indent=2))
+    return 0
