@@ -43,10 +43,14 @@ def test_weight_decay_only_on_matrices():
     from toto.model.llama import Toto
 
     m = Toto(build_config("tiny", None, ["model.vocab_size=40", "model.max_seq_len=16"]).model)
-    decay, no_decay = param_groups(m, 0.1)
-    assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(m.parameters()))
-    assert no_decay["weight_decay"] == 0.0
+    hidden, matrices, vectors = param_groups(m, 0.1, width_mult=4.0)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert {names[id(p)].split(".")[-2] for p in hidden["params"]} == {"wqkv", "wo", "w13", "w2"}
+    assert {names[id(p)] for p in matrices["params"]} == {"tok_emb.weight", "head.weight"}
+    assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0.0
+    assert hidden["weight_decay"] == matrices["weight_decay"] == 0.1
+    assert hidden["lr_scale"] == 0.25 and matrices["lr_scale"] == vectors["lr_scale"] == 1.0
+    assert sum(len(g["params"]) for g in (hidden, matrices, vectors)) == len(list(m.parameters()))
 
 
 def test_shift_targets_ignores_pad():

@@ -68,6 +68,7 @@ class TrainConfig:
     log_interval: int = 10
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2 fully_shard per block); used under torchrun
     compile: bool = False
     activation_checkpointing: bool = False
     tensorboard: bool = True
@@ -244,6 +245,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.weight_decay and train.grad_clip must be >= 0")
     if t.dtype not in ("auto", "fp32", "bf16"):
         raise ConfigError(f"train.dtype must be auto, fp32 or bf16, got {t.dtype!r}")
+    if t.parallel not in ("ddp", "fsdp"):
+        raise ConfigError(f"train.parallel must be ddp or fsdp, got {t.parallel!r}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
     if not math.isfinite(t.lr):

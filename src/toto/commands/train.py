@@ -13,23 +13,41 @@ def add_arguments(p):
     p.add_argument("--out", help="run folder for checkpoints and metrics (sets train.out_dir)")
     p.add_argument("--steps", type=int, help="optimizer steps (sets train.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--until", type=int, metavar="STEP",
+                   help="stop at this step with a checkpoint (the schedule still runs to --steps)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start a new run from these weights (e.g. resolution fine-tuning on longer "
+                        "sequences); the architecture comes from the checkpoint")
+    p.add_argument("--rope-base", type=float,
+                   help="RoPE base (sets model.rope_base; default 50000 with --init-from, as in the paper)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:
+    from ..train.distributed import shutdown
     from ..train.trainer import Trainer
 
     for flag, key in ((args.data, "data.path"), (args.out, "train.out_dir"), (args.steps, "train.max_steps")):
         if flag is not None:
             args.overrides.append(f"{key}={flag}")
+    if args.rope_base is None and args.init_from:
+        args.rope_base = 50000.0
+    if args.rope_base is not None:
+        args.overrides.append(f"model.rope_base={args.rope_base}")
     cfg = config_from_args(args)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
-    n = trainer.model.num_params()
-    print(f"model: {n / 1e6:.2f}M parameters, {trainer.cfg.model.n_layers} layers, width "
-          f"{trainer.cfg.model.dim}; {trainer.accum} micro-batches of {trainer.cfg.train.micro_batch_size} "
-          f"per step; {len(trainer.train_idx)} train / {len(trainer.val_idx)} val sequences")
-    s = trainer.fit()
-    val = f"{s.val_loss:.4f}" if s.val_loss is not None else "n/a"
-    print(f"done: {s.steps} steps, {s.tokens:,} tokens, train loss {s.train_loss:.4f}, val loss {val} "
-          f"(uniform ln V = {s.uniform_loss:.4f}); checkpoint {s.checkpoint}")
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, init_from=args.init_from)
+    main = trainer.dist.is_main
+    try:
+        if main:
+            print(f"model: {trainer.model.num_params() / 1e6:.2f}M parameters, {trainer.cfg.model.n_layers} "
+                  f"layers, width {trainer.cfg.model.dim}; {trainer.accum} micro-batch(es) of "
+                  f"{trainer.cfg.train.micro_batch_size} x {trainer.dist.world_size} rank(s) per step; "
+                  f"{len(trainer.train_idx)} train / {len(trainer.val_idx)} val sequences")
+        s = trainer.fit(until=args.until)
+    finally:
+        shutdown()
+    if main:
+        val = f"{s.val_loss:.4f}" if s.val_loss is not None else "n/a"
+        print(f"done: {s.steps} steps, {s.tokens:,} tokens, train loss {s.train_loss:.4f}, val loss {val} "
+              f"(uniform ln V = {s.uniform_loss:.4f}); checkpoint {s.checkpoint}")
     return 0

@@ -57,7 +57,14 @@ class TrainLoader:
                 "world_size": self.world_size, "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.position, self._perm = int(state["epoch"]), int(state["position"]), None
+        """Restore a position, also one saved with another world size or micro-batch: the
+        sequences consumed so far in the epoch are the same, counted in this loader's batches."""
+        consumed = int(state["position"]) * int(state["batch_size"]) * int(state["world_size"])
+        if consumed % self.global_batch:
+            raise DataError(f"cannot resume the data order: {consumed} sequences of this epoch were "
+                            f"consumed in global batches of {state['batch_size']} x {state['world_size']}, "
+                            f"not a multiple of this run's {self.batch_size} x {self.world_size}")
+        self.epoch, self.position, self._perm = int(state["epoch"]), consumed // self.global_batch, None
 
 
 def to_tensor(ds: ShardDataset, idx) -> torch.Tensor:

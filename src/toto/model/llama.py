@@ -125,6 +125,14 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+HIDDEN_MATRICES = ("wqkv.weight", "wo.weight", "w13.weight", "w2.weight")
+
+
+def is_hidden_matrix(name: str) -> bool:
+    """Matrices whose both dimensions grow with width (muP scales their init and lr)."""
+    return name.endswith(HIDDEN_MATRICES)
+
+
 class Toto(nn.Module):
     """Decoder-only transformer. ``tokens: (B, T) int64`` -> ``logits: (B, T, vocab)``."""
 
@@ -142,7 +150,14 @@ class Toto(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight
         self.activation_checkpointing = False
-        self.logit_scale = 1.0  # muP multiplies output logits by base_dim / dim
+        # muP (Yang et al. 2022, "Table 8" form): with width multiplier m = dim / base_dim,
+        # hidden matrices start at std/sqrt(m) and learn at lr/m (see toto.train.trainer),
+        # output logits are multiplied by 1/m and attention scores use 1/head_dim.
+        self.width_mult = cfg.dim / cfg.mup_base_dim if cfg.mup_base_dim else 1.0
+        self.logit_scale = 1.0 / self.width_mult
+        if cfg.mup_base_dim:
+            for block in self.layers:
+                block.attn.scale = 1.0 / cfg.head_dim
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -153,10 +168,13 @@ class Toto(nn.Module):
         for name, p in self.named_parameters():
             if p.dim() == 1:
                 nn.init.ones_(p)  # RMSNorm gains
-            elif name.endswith(("wo.weight", "w2.weight")):
-                # residual-branch outputs: keep the residual stream's variance flat in depth
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
+            elif is_hidden_matrix(name):
+                hidden_std = std / math.sqrt(self.width_mult)
+                if name.endswith(("wo.weight", "w2.weight")):
+                    # residual-branch outputs: keep the residual stream's variance flat in depth
+                    hidden_std /= math.sqrt(2 * self.cfg.n_layers)
+                nn.init.normal_(p, 0.0, hidden_std)
+            else:  # token embedding and output head
                 nn.init.normal_(p, 0.0, std)
 
     def num_params(self, include_embedding: bool = True) -> int:

@@ -2,7 +2,7 @@
 
     <run>/checkpoints/step_00000100/
         model.safetensors       weights
-        optimizer.safetensors   AdamW moments and step counts, keyed "<param index>.<name>"
+        optimizer.safetensors   AdamW moments and step counts, keyed "<parameter name>::<field>"
         optimizer.json          optimizer param groups (lr, betas, ...)
         config.json             the full run config (toto.config.Config)
         state.json              step, tokens seen, loader position, vocab layout, ...
@@ -28,33 +28,50 @@ from ..ioutil import atomic_replace_dir, atomic_write_bytes, atomic_write_json
 CKPT_DIR = "checkpoints"
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    sd = model.state_dict()
-    if getattr(model.cfg, "tie_embeddings", False):
-        sd.pop("head.weight", None)  # shared with tok_emb.weight; safetensors refuses aliases
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+def gather_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+    """Full (unsharded) model and optimizer state keyed by parameter name, on CPU.
+
+    A collective under FSDP: every rank must call it; the tensors are complete on rank 0.
+    Keying the optimizer by name (not position) is what lets any world size load it.
+    """
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+    return msd, osd
 
 
-def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
+def _model_tensors(msd: dict, tied: bool) -> dict[str, torch.Tensor]:
+    if tied:
+        msd = {k: v for k, v in msd.items() if k != "head.weight"}  # alias of tok_emb.weight
+    return {k: v.detach().contiguous().cpu() for k, v in msd.items()}
+
+
+def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
     tensors = {}
-    for pid, st in sd["state"].items():
+    for name, st in osd["state"].items():
         for k, v in st.items():
             t = v if torch.is_tensor(v) else torch.tensor(v)
-            tensors[f"{pid}.{k}"] = t.detach().contiguous().cpu()
-    return tensors, {"param_groups": sd["param_groups"]}
+            tensors[f"{name}::{k}"] = t.detach().contiguous().cpu()
+    return tensors, {"param_groups": osd["param_groups"]}
 
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
+    state: dict[str, dict] = {}
     for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = t
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, config: Config,
-                    state: dict, optimizer: torch.optim.Optimizer | None = None, keep: int = 3) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, model_state, config: Config, state: dict,
+                    optimizer_state: dict | None = None, keep: int = 3) -> Path:
+    """Write one checkpoint folder atomically (call on one rank only). ``model_state`` is a
+    full state dict (see ``gather_state``) or, for a single-process model, the module itself."""
+    if isinstance(model_state, torch.nn.Module):
+        model_state = model_state.state_dict()
     root = Path(run_dir) / CKPT_DIR
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
@@ -62,9 +79,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, conf
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-    if optimizer is not None:
-        tensors, meta = optimizer_to_tensors(optimizer)
+    save_file(_model_tensors(model_state, config.model.tie_embeddings), str(tmp / "model.safetensors"))
+    if optimizer_state is not None:
+        tensors, meta = optimizer_to_tensors(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         atomic_write_json(tmp / "optimizer.json", meta)
     atomic_write_json(tmp / "config.json", config.to_dict())
@@ -114,20 +131,34 @@ def read_checkpoint(path: str | Path) -> tuple[Config, dict, dict[str, torch.Ten
 
 
 def load_weights(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    if getattr(model.cfg, "tie_embeddings", False):
-        missing = [m for m in missing if m != "head.weight"]
+    """Load full weights into a plain, DDP-wrapped or FSDP-sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if model.cfg.tie_embeddings and "tok_emb.weight" in tensors:
+        tensors = {**tensors, "head.weight": tensors["tok_emb.weight"]}
+    expected = set(model.state_dict().keys())
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise CheckpointError(f"{where}: weights do not match the model (missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]})")
+    # DTensor.shape is the global (unsharded) shape, so this also checks FSDP2 models
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if tuple(v.shape) != shapes[k]]
+    if bad:
+        raise CheckpointError(f"{where}: tensor shapes differ from the model's for {bad[:5]} "
+                              f"(e.g. {bad[0]}: {tuple(tensors[bad[0]].shape)} vs {shapes[bad[0]]})")
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, path: Path) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
     f = path / "optimizer.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{path}: optimizer state missing; cannot resume training exactly")
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(optimizer_from_tensors(load_file(str(f)), meta))
+    osd = optimizer_from_tensors(load_file(str(f)), meta)
+    set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):

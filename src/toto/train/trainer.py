@@ -1,8 +1,9 @@
 """Pre-training loop: next-token NLL on token shards with AdamW, warm-up + cosine, gradient
 accumulation to a token batch, clipping, validation, JSONL/TensorBoard metrics, checkpoints.
 
-Resuming restores weights, optimizer moments and the loader position; training uses no other
-randomness, so a resumed run reproduces the uninterrupted loss curve.
+Runs alone or under torchrun (DDP or FSDP2). Resuming restores weights, optimizer moments and
+the loader position; training uses no other randomness, so a resumed run reproduces the
+uninterrupted loss curve.
 """
 
 from __future__ import annotations
@@ -22,17 +23,13 @@ from ..data.loader import TrainLoader, split_indices, val_batches
 from ..data.shards import ShardDataset
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
-from ..model.llama import Toto
+from ..model.llama import Toto, is_hidden_matrix
 from . import checkpoint as ckpt
+from .distributed import all_reduce_sum, barrier, init_distributed, wrap_model
 
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available")
-    return dev
+# architecture fields a fine-tuning run inherits from the checkpoint it starts from
+ARCH_FIELDS = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size", "norm_eps", "tie_embeddings",
+               "init_std", "mup_base_dim")
 
 
 def autocast_for(device: torch.device, dtype: str):
@@ -53,19 +50,31 @@ def lr_at(step: int, cfg) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices (linear and embedding weights) only, never on norm gains."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: torch.nn.Module, weight_decay: float, width_mult: float = 1.0) -> list[dict]:
+    """Weight decay on matrices only (never norm gains); under muP the hidden matrices learn at
+    ``lr / width_mult``. Groups are built from parameter names, which survive FSDP2 sharding
+    (custom parameter attributes do not)."""
+    hidden, matrices, vectors = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() < 2:
+            vectors.append(p)
+        elif is_hidden_matrix(name):
+            hidden.append(p)
+        else:
+            matrices.append(p)
+    groups = [{"params": hidden, "weight_decay": weight_decay, "lr_scale": 1.0 / width_mult},
+              {"params": matrices, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [g for g in groups if g["params"]]
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
     t = cfg.train
     kw = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), **kw)
+    groups = param_groups(model, t.weight_decay, getattr(model, "width_mult", 1.0))
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **kw)
 
 
 def shift_targets(batch: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,17 +95,29 @@ class RunSummary:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True):
+    """``init_from`` starts a new run from another run's weights (e.g. resolution fine-tuning
+    with longer sequences and a new RoPE base); ``resume`` continues this run exactly."""
+
+    def __init__(self, cfg: Config, resume: bool = False, progress: bool = True,
+                 init_from: str | Path | None = None):
+        if resume and init_from:
+            raise ConfigError("--resume continues this run; --init-from starts a new one: pass only one")
+        self.dist, self.device = init_distributed(cfg.train.device)
         self.out = Path(cfg.train.out_dir)
-        self.progress = progress
+        self.progress = progress and self.dist.is_main
         self.state: dict = {"tokens": 0}
-        start = None
+        start, tensors = None, None
         if resume:
             start = ckpt.latest_checkpoint(self.out)
             if start is None:
                 raise CheckpointError(f"--resume: no checkpoint under {self.out / ckpt.CKPT_DIR}")
             saved_cfg, self.state, tensors = ckpt.read_checkpoint(start)
             cfg = self._merge_resume_config(saved_cfg, cfg)
+        elif init_from:
+            src_cfg, src_state, tensors = ckpt.read_checkpoint(init_from)
+            for name in ARCH_FIELDS:
+                setattr(cfg.model, name, getattr(src_cfg.model, name))
+            self.state["init_from"] = src_state["path"]
         self.cfg = validate(cfg)
         if not cfg.data.path:
             raise ConfigError("data.path is not set: pass --data DIR (a folder made by `toto tokenize`)")
@@ -104,38 +125,43 @@ class Trainer:
         m = cfg.model
         if m.vocab_size is None:
             m.vocab_size = self.ds.layout.vocab_size
-        if m.max_seq_len is None:
-            m.max_seq_len = self.ds.seq_len
+        if m.max_seq_len is None or init_from:
+            m.max_seq_len = self.ds.seq_len if m.max_seq_len is None else max(m.max_seq_len, self.ds.seq_len)
         self.ds.check_model(m)
 
-        self.device = resolve_device(cfg.train.device)
-        torch.manual_seed(cfg.train.seed)
+        t = cfg.train
+        torch.manual_seed(t.seed)
         self.model = Toto(m).to(self.device)
-        self.model.activation_checkpointing = cfg.train.activation_checkpointing
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.wrapped = wrap_model(self.model, t.parallel, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
 
-        t = cfg.train
         self.train_idx, self.val_idx = split_indices(len(self.ds), cfg.data.val_fraction,
                                                      cfg.data.val_max_sequences, cfg.data.seed)
-        self.loader = TrainLoader(self.ds, self.train_idx, t.micro_batch_size, seed=cfg.data.seed)
+        self.loader = TrainLoader(self.ds, self.train_idx, t.micro_batch_size, seed=cfg.data.seed,
+                                  rank=self.dist.rank, world_size=self.dist.world_size)
         self.seq_tokens = self.ds.seq_len - 1
-        self.accum = max(1, round(t.batch_tokens / (t.micro_batch_size * self.seq_tokens)))
+        per_micro = t.micro_batch_size * self.seq_tokens * self.dist.world_size
+        self.accum = max(1, round(t.batch_tokens / per_micro))
+        self.tokens_per_step = self.accum * per_micro
         self.step = 0
+        if tensors is not None:
+            ckpt.load_weights(self.model, tensors, str(start or init_from))
         if start is not None:
-            ckpt.load_weights(self.model, tensors, str(start))
-            ckpt.load_optimizer(self.optimizer, start)
+            ckpt.load_optimizer(self.model, self.optimizer, start)
             self.loader.load_state_dict(self.state["loader"])
             self.step = int(self.state["step"])
-            self._truncate_metrics(self.step)
-        self.forward = self.model
+            if self.dist.is_main:
+                self._truncate_metrics(self.step)
+        self.forward = self.wrapped
         if t.compile:
-            self.forward = _try_compile(self.model)
+            self.forward = _try_compile(self.wrapped)
 
     @staticmethod
     def _merge_resume_config(saved: Config, given: Config) -> Config:
-        """Resume with the saved config; only the run's length and logging may change."""
+        """Resume with the saved config; only the run's length, logging and placement may change."""
         for name in ("max_steps", "eval_interval", "ckpt_interval", "log_interval", "tensorboard",
-                     "device", "keep_checkpoints"):
+                     "device", "keep_checkpoints", "parallel", "compile"):
             setattr(saved.train, name, getattr(given.train, name))
         if given.data.path:
             saved.data.path = given.data.path
@@ -152,6 +178,8 @@ class Trainer:
         atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _log(self, record: dict, tb) -> None:
+        if not self.dist.is_main:
+            return
         append_jsonl(self.metrics_path, record)
         if tb is not None:
             for k, v in record.items():
@@ -166,54 +194,77 @@ class Trainer:
         self.model.eval()
         total, count = 0.0, 0
         for batch in val_batches(self.ds, self.val_idx, self.cfg.train.micro_batch_size,
-                                 self.cfg.train.eval_batches):
+                                 self.cfg.train.eval_batches, self.dist.rank, self.dist.world_size):
             inputs, targets = shift_targets(batch.to(self.device), self.ds.layout.pad)
             with autocast_for(self.device, self.cfg.train.dtype):
                 _, loss = self.forward(inputs, targets)
             n = int((targets != -1).sum())
             total, count = total + float(loss) * n, count + n
         self.model.train()
+        total, count = all_reduce_sum([total, count], self.device)
         return total / max(count, 1)
+
+    def _sync_grads(self, last: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if not self.dist.enabled:
+            return contextlib.nullcontext()
+        if self.cfg.train.parallel == "ddp":
+            return contextlib.nullcontext() if last else self.wrapped.no_sync()
+        self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def train_step(self) -> tuple[float, float]:
         t = self.cfg.train
         lr = lr_at(self.step, t)
         for g in self.optimizer.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         total = torch.zeros((), device=self.device)
-        for _ in range(self.accum):
+        for i in range(self.accum):
             batch = self.loader.next_batch().to(self.device, non_blocking=True)
             inputs, targets = shift_targets(batch, self.ds.layout.pad)
-            with autocast_for(self.device, t.dtype):
-                _, loss = self.forward(inputs, targets)
-            (loss / self.accum).backward()
+            with self._sync_grads(i == self.accum - 1):
+                with autocast_for(self.device, t.dtype):
+                    _, loss = self.forward(inputs, targets)
+                (loss / self.accum).backward()
             total += loss.detach() / self.accum
-        total = float(total)  # one host sync per optimizer step
+        # one host sync per optimizer step; the logged loss is the mean over ranks
+        total = all_reduce_sum([float(total)], self.device)[0] / self.dist.world_size
         if not math.isfinite(total):
             raise TrainingError(f"loss became {total} at step {self.step}; lower train.lr or check the "
                                 f"data (last checkpoint: {ckpt.latest_checkpoint(self.out)})")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return total, float(grad_norm)
 
     def save(self) -> Path:
-        state = {"tokens": self.state["tokens"], "loader": self.loader.state_dict(),
-                 "vocab": self.ds.layout.to_dict(), "grid": list(self.ds.geometry.grid),
-                 "frames_per_sequence": self.ds.geometry.frames_per_sequence,
-                 "tokenizer": self.ds.index.get("tokenizer", {})}
-        return ckpt.save_checkpoint(self.out, self.step, self.model, self.cfg, state, self.optimizer,
-                                    keep=self.cfg.train.keep_checkpoints)
+        """Collective: every rank gathers, rank 0 writes."""
+        model_sd, optim_sd = ckpt.gather_state(self.model, self.optimizer)
+        path = self.out / ckpt.CKPT_DIR / f"step_{self.step:08d}"
+        if self.dist.is_main:
+            state = {"tokens": self.state["tokens"], "loader": self.loader.state_dict(),
+                     "vocab": self.ds.layout.to_dict(), "grid": list(self.ds.geometry.grid),
+                     "frames_per_sequence": self.ds.geometry.frames_per_sequence,
+                     "tokenizer": self.ds.index.get("tokenizer", {}), "world_size": self.dist.world_size}
+            if "init_from" in self.state:
+                state["init_from"] = self.state["init_from"]
+            path = ckpt.save_checkpoint(self.out, self.step, model_sd, self.cfg, state, optim_sd,
+                                        keep=self.cfg.train.keep_checkpoints)
+        barrier()
+        return path
 
     def fit(self, until: int | None = None) -> RunSummary:
         """Train to ``train.max_steps`` (or stop early at step ``until``, with a checkpoint there;
         the schedule still follows max_steps, so a later ``--resume`` continues seamlessly)."""
         t = self.cfg.train
         stop = min(until or t.max_steps, t.max_steps)
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.out / "config.json", self.cfg.to_dict())
-        tb = _tensorboard(self.out) if t.tensorboard else None
-        tokens_per_step = self.accum * t.micro_batch_size * self.seq_tokens
+        tb = None
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "config.json", self.cfg.to_dict())
+            tb = _tensorboard(self.out) if t.tensorboard else None
         uniform = math.log(self.ds.layout.vocab_size)
         self.model.train()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
@@ -224,9 +275,9 @@ class Trainer:
             while self.step < stop:
                 loss, gnorm = self.train_step()
                 self.step += 1
-                self.state["tokens"] += tokens_per_step
+                self.state["tokens"] += self.tokens_per_step
                 toc = time.perf_counter()
-                tok_s = tokens_per_step / max(toc - tic, 1e-9)
+                tok_s = self.tokens_per_step / max(toc - tic, 1e-9)
                 tic = toc
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
@@ -237,20 +288,22 @@ class Trainer:
                     val = self.evaluate()
                     if val is not None:
                         self._log({"step": self.step, "val_loss": val}, tb)
-                        bar.write(f"step {self.step}: train {loss:.4f}  val {val:.4f}  "
-                                  f"(uniform {uniform:.4f})")
+                        if self.progress:
+                            bar.write(f"step {self.step}: train {loss:.4f}  val {val:.4f}  "
+                                      f"(uniform {uniform:.4f})")
                 if self.step % t.ckpt_interval == 0 or self.step == stop:
                     last_ckpt = self.save()
         except KeyboardInterrupt:
             bar.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")
-            last_ckpt = self.save()
+            self.save()
             raise
         finally:
             bar.close()
             if tb is not None:
                 tb.close()
         summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt))
-        atomic_write_json(self.out / "summary.json", summary.__dict__)
+        if self.dist.is_main:
+            atomic_write_json(self.out / "summary.json", summary.__dict__)
         return summary
 
 

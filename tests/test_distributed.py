@@ -1,0 +1,66 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 match a single process on the same
+global batch, and a checkpoint written by 2 ranks resumes on 1."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import write_shards
+from toto.ioutil import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+# 40 sequences of 18 tokens; val_fraction 0.2 leaves 32 train sequences = 4 global batches of 8
+COMMON = ["--preset", "tiny", "--no-progress", "--steps", "6",
+          "model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
+          "data.val_fraction=0.2", "train.micro_batch_size=4", "train.batch_tokens=136",
+          "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=3",
+          "train.ckpt_interval=3", "train.tensorboard=false", "train.lr=3e-3"]
+
+
+def run(args, nproc=1):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "toto.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + os.getpid() % 1000), "-m", "toto.train", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def curve(run_dir, key="loss"):
+    return [r[key] for r in read_jsonl(run_dir / "metrics.jsonl") if key in r]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("d") / "shards", n_seq=40)
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    run(["--data", str(data), "--out", str(out), *COMMON])
+    return out
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_ranks_match_one(mode, data, reference, tmp_path):
+    run(["--data", str(data), "--out", str(tmp_path), *COMMON, f"train.parallel={mode}"], nproc=2)
+    ref, got = curve(reference), curve(tmp_path)
+    assert len(ref) == len(got) == 6
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
+    assert abs(curve(reference, "val_loss")[-1] - curve(tmp_path, "val_loss")[-1]) < 1e-4
+
+
+def test_checkpoint_from_two_ranks_resumes_on_one(data, reference, tmp_path):
+    run(["--data", str(data), "--out", str(tmp_path), *COMMON, "train.parallel=fsdp", "--until", "3"], nproc=2)
+    assert (tmp_path / "checkpoints" / "step_00000003" / "model.safetensors").is_file()
+    run(["--data", str(data), "--out", str(tmp_path), *COMMON, "--resume"])
+    ref, got = curve(reference), curve(tmp_path)
+    assert len(got) == 6
+    assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
