@@ -211,6 +211,20 @@ def test_bad_sequences_are_skipped_and_counted(synth, tmp_path):
                  "--features", "copy-first"]) == 2  # nothing left to track: one-line error
 
 
+def test_empty_first_frame_is_skipped_and_partial_ground_truth_is_not_scored(synth, tmp_path):
+    import shutil
+
+    root = tmp_path / "partial"
+    shutil.copytree(synth, root)
+    first = root / "Annotations/480p/synth-000/00000.png"
+    davis.write_mask(first, np.zeros_like(davis.read_mask(first)))
+    (root / "Annotations/480p/synth-001/00004.png").unlink()  # a later frame without ground truth
+    res = _track(root, tmp_path / "o", "--features", "pixels", "--resolution", "32", "--patch", "4")
+    assert "no objects" in res["skipped"]["synth-000"]
+    assert res["not_scored"] == ["synth-001"] and res["sequences"] == [] and res["overall"] == {}
+    assert len(list((tmp_path / "o" / "synth-001").glob("*.png"))) == 10  # masks still written
+
+
 # ------------------------------------------------------------------ model features
 
 @pytest.fixture(scope="module")

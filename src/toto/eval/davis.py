@@ -276,6 +276,8 @@ class Sequence:
             if m is not None and m.shape != size[:2]:
                 raise DataError(f"{m_path}: mask size {m.shape[1]}x{m.shape[0]} does not match its "
                                 f"frame size {size[1]}x{size[0]}")
+        if not np.any((masks[0] > 0) & (masks[0] != VOID)):
+            raise DataError(f"{self.masks[0]}: the first-frame annotation has no objects (ids 1..254)")
         gt = np.stack(masks) if all(m is not None for m in masks) else None
         return np.stack(frames), masks[0], gt
 
