@@ -1,0 +1,119 @@
+"""Greedy generation tokens/s: our static KV cache against HF ``generate`` with its cache.
+
+Same weights, same prompt, timed in the same run (interleaved). Ours: ``toto.model.generate``
+(greedy) when it is importable and gives the same tokens as the plain ``setup_cache`` +
+``forward(tokens, pos=...)`` loop below, else that loop. The greedy outputs of ours and HF are
+compared token by token as a check that both do the same work.
+
+    python -m benchmarks.bench_generate [--quick] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import common
+
+# name -> (model dims, batch, prompt length, new tokens) per device type
+CASES = {
+    "cpu": {
+        "tiny": (dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512), 1, 64, 128),
+        "base-width": (dict(dim=768, n_layers=2, n_heads=12, ffn_dim=3072), 1, 64, 64),
+    },
+    "cuda": {
+        "tiny": (dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512), 1, 256, 256),
+        "base": (dict(dim=768, n_layers=12, n_heads=12, ffn_dim=3072), 1, 256, 256),
+    },
+}
+
+
+@torch.no_grad()
+def greedy_loop(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """``prompt: (B, P)`` -> ``(B, P + new_tokens)``: one prefill pass, then one token a step."""
+    B, P = prompt.shape
+    model.setup_cache(B, P + new_tokens)
+    try:
+        nxt = model(prompt, pos=0)[:, -1].argmax(-1, keepdim=True)
+        out = [prompt, nxt]
+        for i in range(new_tokens - 1):
+            nxt = model(nxt, pos=P + i)[:, -1].argmax(-1, keepdim=True)
+            out.append(nxt)
+    finally:
+        model.clear_cache()
+    return torch.cat(out, dim=1)
+
+
+def project_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    from toto.model.generate import generate
+
+    return generate(model, prompt, max_new_tokens=new_tokens, greedy=True)
+
+
+@torch.no_grad()
+def hf_greedy(hf, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, use_cache=True, pad_token_id=0)
+
+
+def main(argv=None) -> int:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
+    p.add_argument("--rounds", type=int, default=None, help="timed generations per contender (default 3)")
+    args = p.parse_args(argv)
+    device = common.setup(args)
+    cases = CASES[device.type]
+    names = args.cases.split(",") if args.cases else list(cases)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        p.error(f"unknown case(s) {unknown} for {device.type}; known: {list(cases)}")
+    rounds = args.rounds or (2 if args.quick else 3)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    rows, records = [], []
+    for name in names:
+        dims, batch, prompt_len, new = cases[name]
+        cfg = common.model_config(seq_len=prompt_len + new, **dims)
+        ours, hf = common.build_pair(cfg, device)
+        ours, hf = ours.to(dtype).eval(), hf.to(dtype).eval()
+        hf.generation_config.eos_token_id = None  # always generate exactly `new` tokens
+        g = torch.Generator().manual_seed(0)
+        prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).to(device)
+        ref = greedy_loop(ours, prompt, new)
+        ours_gen, via = greedy_loop, "setup_cache + forward(pos=) loop"
+        try:
+            if torch.equal(project_greedy(ours, prompt, new), ref):
+                ours_gen, via = project_greedy, "toto.model.generate(greedy=True)"
+            else:
+                print("toto.model.generate gives other greedy tokens than the plain loop; timing the loop")
+        except (ImportError, TypeError) as e:
+            print(f"toto.model.generate not usable ({type(e).__name__}: {e}); timing the plain loop")
+        theirs = hf_greedy(hf, prompt, new)
+        agree = float((theirs[:, prompt_len:] == ref[:, prompt_len:]).float().mean())
+        timing = common.interleaved({"ours": lambda: ours_gen(ours, prompt, new),
+                                     "hf": lambda: hf_greedy(hf, prompt, new)}, rounds, device)
+        for impl, t in timing.items():
+            tps = batch * new / t["median_s"]
+            speedup = common.paired_speedup(timing, impl)
+            records.append(dict(case=name, impl=impl, batch=batch, prompt=prompt_len, new_tokens=new,
+                                dtype=str(dtype), tokens_per_s=tps, seconds=t["median_s"], times_s=t["times_s"],
+                                speedup_vs_hf=speedup, greedy_agreement=agree,
+                                via=via if impl == "ours" else "LlamaForCausalLM.generate"))
+            rows.append([name, impl, batch, prompt_len, new, f"{tps:,.1f}", f"{speedup:.2f}x",
+                         f"{100 * agree:.0f}%"])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+
+    table = {"title": f"Greedy generation with KV cache, {device.type}, {str(dtype).removeprefix('torch.')}",
+             "columns": ["case", "model", "batch", "prompt", "new tokens", "tokens/s", "speed vs HF",
+                         "same tokens"],
+             "rows": rows,
+             "notes": [f"tokens/s = batch x new tokens / wall time including the prefill; median of {rounds} "
+                       f"interleaved runs; speed vs HF: median of per-round time ratios. Ours via "
+                       f"{sorted({r['via'] for r in records if r['impl'] == 'ours'})}; HF via "
+                       f"generate(do_sample=False, use_cache=True). 'same tokens': share of generated "
+                       f"tokens equal between the two."]}
+    common.write_results("bench_generate", device, [table], records, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

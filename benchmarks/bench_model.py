@@ -1,0 +1,131 @@
+"""Training-step throughput of our model against transformers.LlamaForCausalLM.
+
+Same config, same weights, same random tokens, same loss code and optimizer, timed in the same
+run with the contenders interleaved. One step = forward + next-token NLL + backward + AdamW.
+Reports tokens/s, our speed over HF's, MFU (achieved FLOP/s over the machine's measured matmul
+peak) and peak memory. Optional rows: ours under torch.compile, ours with activation
+checkpointing.
+
+    python -m benchmarks.bench_model                 # CPU: tiny + base-width (2 layers), T=256
+    python -m benchmarks.bench_model --device cuda   # GPU: tiny + base preset, T=4096, bf16
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks import common
+
+# name -> (model dims, batch, seq_len) per device type
+CASES = {
+    "cpu": {
+        "tiny": (dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512), 8, 256),
+        "base-width": (dict(dim=768, n_layers=2, n_heads=12, ffn_dim=3072), 2, 256),
+    },
+    "cuda": {
+        "tiny": (dict(dim=128, n_layers=4, n_heads=4, ffn_dim=512), 32, 256),
+        "base": (dict(dim=768, n_layers=12, n_heads=12, ffn_dim=3072), 2, 4096),
+    },
+}
+
+
+def main(argv=None) -> int:
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
+    p.add_argument("--rounds", type=int, default=None, help="timed steps per contender (default 5; 3 with --quick)")
+    p.add_argument("--compile", default="tiny",
+                   help="cases that also get an 'ours + torch.compile' row ('none' for no compile rows)")
+    p.add_argument("--checkpointing", default="base-width,base",
+                   help="cases that also get an 'ours + activation checkpointing' row ('none' for none)")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    args = p.parse_args(argv)
+    device = common.setup(args)
+    cases = CASES[device.type]
+    names = args.cases.split(",") if args.cases else list(cases)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        p.error(f"unknown case(s) {unknown} for {device.type}; known: {list(cases)}")
+    rounds = args.rounds or (3 if args.quick else 5)
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
+    peak = common.matmul_peak(device, peak_dtype)
+    print(f"measured {peak_dtype} matmul peak: {peak / 1e9:,.1f} GFLOP/s on {device}", flush=True)
+
+    rows, records = [], []
+    for name in names:
+        dims, batch, seq = cases[name]
+        cfg = common.model_config(seq_len=seq, **dims)
+        ours, hf = common.build_pair(cfg, device)
+        steps = {"ours": common.train_step_fn(ours, "ours", device, batch, seq, dtype),
+                 "hf": common.train_step_fn(hf, "hf", device, batch, seq, dtype)}
+        variants = {}  # extra rows: name -> (memory spec extras)
+        compile_s = None
+        if name in args.compile.split(","):
+            twin = common.build_ours(cfg, device)
+            steps["ours+compile"] = common.train_step_fn(twin, "ours", device, batch, seq, dtype)
+            steps["ours+compile"].set_forward(torch.compile(twin))
+            t = time.perf_counter()
+            try:
+                steps["ours+compile"]()  # compiles forward and backward graphs
+                compile_s = time.perf_counter() - t
+            except Exception as e:  # inductor needs a working C++ compiler on CPU
+                print(f"torch.compile failed on {device} ({type(e).__name__}: {e}); no compile row")
+                del steps["ours+compile"]
+        if name in args.checkpointing.split(","):
+            twin = common.build_ours(cfg, device)
+            steps["ours+ckpt"] = common.train_step_fn(twin, "ours", device, batch, seq, dtype, checkpointing=True)
+            variants["ours+ckpt"] = {"checkpointing": True}
+        print(f"\n{name}: {ours.num_params() / 1e6:.1f}M params, batch {batch} x {seq} tokens, {dtype}, "
+              f"{rounds} interleaved rounds of {list(steps)}", flush=True)
+        timing = common.interleaved(steps, rounds, device)
+        tokens = batch * seq
+        flops = common.train_flops_per_token(cfg, seq) * tokens
+        for impl, t in timing.items():
+            mem = None
+            if not args.no_memory and impl != "ours+compile":
+                spec = dict(impl="hf" if impl == "hf" else "ours", device=str(device), model=dict(seq_len=seq, **dims),
+                            batch=batch, dtype=dtype, threads=torch.get_num_threads(), **variants.get(impl, {}))
+                mem = common.peak_memory(spec)
+            tps = tokens / t["median_s"]
+            mfu = flops / t["median_s"] / peak
+            speedup = common.paired_speedup(timing, impl)
+            rec = dict(case=name, impl=impl, params=ours.num_params(), batch=batch, seq_len=seq, dtype=dtype,
+                       tokens_per_s=tps, step_s=t["median_s"], step_times_s=t["times_s"], speedup_vs_hf=speedup,
+                       flops_per_step=flops, mfu=mfu, matmul_peak_flops=peak, memory=mem,
+                       compile_s=compile_s if impl == "ours+compile" else None)
+            records.append(rec)
+            peak_b = (mem or {}).get("peak_bytes")
+            rows.append([name, impl, f"{tps:,.0f}", f"{t['median_s'] * 1e3:,.0f}", f"{speedup:.2f}x",
+                         f"{100 * mfu:.1f}%", common.fmt_bytes(peak_b)])
+            print(" | ".join(str(c) for c in rows[-1]), flush=True)
+        del ours, hf, steps
+
+    # the MFU denominator: the better of two matmul timings (start and end), since other
+    # processes on a shared machine can depress either
+    peak = max(peak, common.matmul_peak(device, peak_dtype))
+    for rec, row in zip(records, rows):
+        rec["mfu"] = rec["flops_per_step"] / rec["step_s"] / peak
+        rec["matmul_peak_flops"] = peak
+        row[5] = f"{100 * rec['mfu']:.1f}%"
+    mem_note = ("peak RSS above the post-import RSS of a fresh process doing 2 steps" if device.type == "cpu"
+                else "torch.cuda.max_memory_allocated of a fresh process doing 2 steps")
+    table = {
+        "title": f"Training step (forward + backward + AdamW), {device.type}, {dtype}",
+        "columns": ["case", "model", "tokens/s", "ms/step", "speed vs HF", "MFU", "peak memory"],
+        "rows": rows,
+        "notes": [f"MFU = (6N + 12*L*d*T) FLOPs per token x tokens/s / measured {peak_dtype} matmul peak "
+                  f"({peak / 1e9:,.1f} GFLOP/s, {2048 if device.type == 'cpu' else 8192}^2 matmul, same run); "
+                  f"N = block matmul weights + output head. Memory: {mem_note}. "
+                  f"tokens/s: median of {rounds} interleaved steps; speed vs HF: median of the per-round "
+                  f"ratios of HF's step time to this row's." +
+                  (f" torch.compile: first step (compilation) took {compile_s:.1f} s." if compile_s else "")],
+    }
+    common.write_results("bench_model", device, [table], records, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
