@@ -197,7 +197,6 @@ class _Unit:
     end: int = -1  # one past its last input (set when it is committed)
     kind: str = "video"
     ok: bool = True
-    n_windows: int = 0
     seqs: list = field(default_factory=list)
     stats: dict = field(default_factory=new_stats)
 
@@ -265,6 +264,8 @@ def build_shards(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | 
                 meta["stats"] = stats
                 writer.add(unit.seqs[k])
                 n_written_now[0] += 1
+        else:  # a failed file contributes only its skip record, not its frame counts
+            unit.stats = {k: v for k, v in unit.stats.items() if "skip" in k}
         skip_first = 0
         merge_stats(stats, unit.stats)
         meta["cursor"] = {"next": unit.end, "written": 0}
@@ -307,7 +308,6 @@ def build_shards(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | 
                 unit = _Unit(start=i, end=i + 1, kind="video")
                 for msg in decoders.messages(pos):
                     if msg[0] == "window":
-                        unit.n_windows += 1
                         push(("window", unit, msg[2], "video"))
                     elif msg[0] == "end":
                         info = msg[2]

@@ -63,18 +63,25 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0, tol: float =
         raise DataError(f"k-means needs at least n_codes={k} patches, got {m}")
     g = torch.Generator(device="cpu").manual_seed(seed)
     # k-means++: each new centre is drawn with probability proportional to D(x)^2
+    x2 = (x * x).sum(1)  # |x|^2 - 2 x.c + |c|^2: one mat-vec per new centre, no (M, D) temporaries
+
+    def dist_to(j: int) -> torch.Tensor:
+        return (x2 - 2.0 * (x @ x[j]) + x2[j]).clamp_min_(0)
+
     first = int(torch.randint(m, (1,), generator=g))
-    cent = [x[first]]
-    d2 = ((x - x[first]) ** 2).sum(1)
+    chosen = [first]
+    d2 = dist_to(first)
     for _ in range(1, k):
-        total = float(d2.sum())
-        if total > 0:
-            j = int(torch.multinomial((d2 / total).double().cpu(), 1, generator=g))
+        cum = torch.cumsum(d2.double(), 0)
+        total = float(cum[-1])
+        if total > 0:  # inverse-CDF draw of an index with probability d2 / total
+            u = float(torch.rand(1, generator=g, dtype=torch.float64)) * total
+            j = min(int(torch.searchsorted(cum.cpu(), torch.tensor([u], dtype=torch.float64), right=True)), m - 1)
         else:  # fewer distinct patches than codes: duplicates are unavoidable
             j = int(torch.randint(m, (1,), generator=g))
-        cent.append(x[j])
-        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
-    c = torch.stack(cent)
+        chosen.append(j)
+        d2 = torch.minimum(d2, dist_to(j))
+    c = x[torch.tensor(chosen, device=x.device)].clone()
     history, reseeded, it = [], 0, 0
     for it in range(1, iters + 1):
         idx, dist = nearest(x, c)
