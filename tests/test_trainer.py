@@ -130,3 +130,26 @@ def test_killed_run_resumes_to_the_same_curve(tmp_path):
     a, b = losses(tmp_path / "a"), losses(run)
     assert len(a) == len(b) == 40
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+
+
+def test_resolution_finetune_from_checkpoint(tmp_path):
+    """16-token frames -> 64-token frames: weights load unchanged, RoPE base 50k is stored."""
+    from safetensors.torch import load_file
+
+    low = write_shards(tmp_path / "low", n_seq=48, grid=(2, 2))
+    high = write_shards(tmp_path / "high", n_seq=48, grid=(4, 4))
+    Trainer(cfg_for(low, tmp_path / "a", 3), progress=False).fit()
+    src = tmp_path / "a" / "checkpoints" / "step_00000003"
+    assert main(["train", "--preset", "tiny", "--data", str(high), "--out", str(tmp_path / "b"),
+                 "--steps", "2", "--no-progress", "--init-from", str(src), *TINY,
+                 "model.n_layers=7"]) == 0  # architecture comes from the checkpoint, not the flags
+    saved = json.loads((tmp_path / "b" / "checkpoints" / "step_00000002" / "config.json").read_text())
+    assert saved["model"]["rope_base"] == 50000.0 and saved["model"]["max_seq_len"] == 2 + 4 * 16
+    assert saved["model"]["n_layers"] == 2
+
+    tr = Trainer(cfg_for(high, tmp_path / "c", 2, "model.rope_base=50000"), init_from=src, progress=False)
+    before = load_file(str(src / "model.safetensors"))
+    assert all(torch.equal(tr.model.state_dict()[k], v) for k, v in before.items())
+    assert tr.model.rope_cos.shape[0] == 66 and tr.model.cfg.rope_base == 50000.0
+    x = torch.randint(4, 36, (1, 66))
+    assert tr.model(x).shape == (1, 66, 36)

@@ -23,6 +23,7 @@ COMMANDS = {
     "track": "track",
     "forecast": "forecast",
     "scaling": "scaling",
+    "coordcheck": "coordcheck",
     "export": "export",
     "params": "params",
 }
