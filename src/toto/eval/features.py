@@ -1,0 +1,319 @@
+"""Labelled media -> per-layer token features of a frozen model, cached on disk.
+
+Dataset layouts (``root`` holds a ``train`` and a ``val`` split, each one of):
+
+    root/train/<class>/*.jpg|png|...        images in class folders (ImageNet layout)
+    root/train/<class>/*.mp4|webm|...       videos in class folders (Kinetics layout)
+    root/train.txt                          a list file: one ``path label`` per line, paths
+                                            relative to the list file's folder, label = class
+                                            name (the last whitespace-separated field)
+
+Classes are the sorted class names of the train split; a val sample of a class the train split
+lacks is an error. An image becomes one image sequence ``[3] + codes`` (H/d x W/d codes); a
+video becomes ``[1] + codes`` of its first ``frames`` kept frames (stride and resize as in
+pre-training, short videos padded by repeating the last frame). The final ``[2]`` is not fed:
+the features of every visual code position are kept, ``(T, D)`` per sample, T = frames x grid.
+
+Cache folder (one per model x tokenizer x dataset x settings; ``manifest.json`` records the
+identity that produced it and which chunks are done, so a killed extraction resumes):
+
+    <cache>/manifest.json
+    <cache>/<split>_<chunk:05d>.safetensors   "layer<i>": (n, T, D) float16, "labels": (n,) int64,
+                                              "sample": (n,) int64 (index into the split list)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ..data.images import read_image
+from ..data.media import media_kind
+from ..data.video import clip_windows, iter_video
+from ..errors import CheckpointError, DataError
+from ..ioutil import atomic_write_json
+from ..vocab import N_SPECIAL, VocabLayout
+
+SPLITS = ("train", "val")
+CACHE_VERSION = 1
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class LabelledDataset:
+    root: Path
+    kind: str  # "image" | "video"
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    skipped_classes: list[str] = field(default_factory=list)  # class folders without media files
+
+    def fingerprint(self, split: str) -> str:
+        """Hash of the split's (path, label, size, mtime): a changed file changes the cache key."""
+        h = hashlib.sha256()
+        for s in self.splits[split]:
+            st = s.path.stat() if s.path.exists() else None
+            h.update(f"{s.path}\t{s.label}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _scan_folders(split_dir: Path, skipped: list[str]) -> list[tuple[Path, str]]:
+    items = []
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<media files>)")
+    for d in class_dirs:
+        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and media_kind(p))
+        if not files:
+            skipped.append(str(d))
+            continue
+        items += [(p, d.name) for p in files]
+    return items
+
+
+def _read_list(list_file: Path) -> list[tuple[Path, str]]:
+    items = []
+    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise DataError(f"{list_file}:{n}: expected 'path label', got {line!r}")
+        path = Path(parts[0])
+        path = path if path.is_absolute() else list_file.parent / path
+        if not media_kind(path):
+            raise DataError(f"{list_file}:{n}: {path.name} has no known image or video extension")
+        items.append((path, parts[1]))
+    if not items:
+        raise DataError(f"{list_file}: no 'path label' lines")
+    return items
+
+
+def scan_dataset(root: str | Path, max_per_class: int | None = None) -> LabelledDataset:
+    """Find the train/val splits under ``root`` (class folders or list files) and label them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    raw, skipped = {}, []
+    for split in SPLITS:
+        if (root / split).is_dir():
+            raw[split] = _scan_folders(root / split, skipped)
+        elif (root / f"{split}.txt").is_file():
+            raw[split] = _read_list(root / f"{split}.txt")
+        else:
+            raise DataError(f"{root}: missing the {split} split (expected a folder {root / split}/<class>/ "
+                            f"or a list file {root / split}.txt)")
+    classes = sorted({label for _, label in raw["train"]})
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class has any media file")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({label for _, label in raw["val"]} - set(classes))
+    if unknown:
+        raise DataError(f"{root}: val classes {unknown[:5]} do not occur in the train split")
+    kinds = {media_kind(p) for items in raw.values() for p, _ in items}
+    if len(kinds) != 1:
+        raise DataError(f"{root}: mixes images and videos; probe one kind of media at a time")
+    splits = {}
+    for split, items in raw.items():
+        per_class: dict[str, int] = {}
+        samples = []
+        for p, label in items:
+            per_class[label] = per_class.get(label, 0) + 1
+            if max_per_class is None or per_class[label] <= max_per_class:
+                samples.append(Sample(p, index[label]))
+        splits[split] = samples
+    return LabelledDataset(root, kinds.pop(), classes, splits, skipped)
+
+
+# -- media -> token sequences -----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SequenceSpec:
+    """How a sample becomes model input: media kind, frames per video and temporal stride."""
+
+    kind: str
+    frames: int = 16
+    stride: int = 4
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "frames": self.frames if self.kind == "video" else 1,
+                "stride": self.stride if self.kind == "video" else None}
+
+
+def read_frames(path: Path, spec: SequenceSpec, resolution: int) -> np.ndarray:
+    """``frames: (F, R, R, 3) uint8`` of one sample (F = 1 for an image); DataError if unreadable."""
+    if spec.kind == "image":
+        return read_image(path, resolution)[None]
+    window, _ = next(clip_windows(iter_video(path, spec.stride, resolution), spec.frames, "pad"))
+    if window is None:
+        raise DataError(f"{path}: no decodable video frames")
+    return window
+
+
+def to_sequence(codes: np.ndarray, layout: VocabLayout, kind: str) -> np.ndarray:
+    """``codes: (F, h, w)`` -> model input ids ``(1 + F*h*w,)``: start token + codes, no end token."""
+    return layout.sequence(codes, kind)[:-1].astype(np.int64)
+
+
+def check_compatible(model_cfg, state: dict, tokenizer, spec: SequenceSpec, where: str) -> VocabLayout:
+    """Refuse a checkpoint whose vocabulary or context cannot take this tokenizer's sequences."""
+    layout = VocabLayout(n_codes=tokenizer.n_codes)
+    if model_cfg.vocab_size != layout.vocab_size:
+        raise CheckpointError(
+            f"{where}: model vocabulary is {model_cfg.vocab_size} ids but the tokenizer has "
+            f"{tokenizer.n_codes} codes (+{N_SPECIAL} specials = {layout.vocab_size}); use the tokenizer "
+            f"the model was trained with")
+    saved = state.get("vocab")
+    if saved and VocabLayout.from_dict(saved) != layout:
+        raise CheckpointError(f"{where}: the checkpoint's vocabulary layout {saved} differs from {layout.to_dict()}")
+    h, w = tokenizer.grid
+    n_frames = spec.frames if spec.kind == "video" else 1
+    need = 1 + n_frames * h * w
+    if need > model_cfg.max_seq_len:
+        raise CheckpointError(
+            f"{where}: a {spec.kind} sequence of {n_frames} frame(s) x {h}x{w} codes needs {need} positions "
+            f"but the model context is max_seq_len={model_cfg.max_seq_len}; use fewer frames or a lower "
+            f"tokenizer resolution")
+    return layout
+
+
+# -- extraction and cache ---------------------------------------------------------------------
+
+def file_identity(path: str | Path) -> dict:
+    p = Path(path).resolve()
+    st = p.stat()
+    return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def cache_key(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class SplitFeatures:
+    """One split's cached features; ``layer(i)`` loads ``(N, T, D) float16`` for one layer only."""
+
+    cache: Path
+    split: str
+    chunks: list[str]
+    labels: torch.Tensor  # (N,) int64
+
+    def layer(self, i: int) -> torch.Tensor:
+        from safetensors import safe_open
+
+        parts = []
+        for name in self.chunks:
+            with safe_open(str(self.cache / name), framework="pt") as f:
+                parts.append(f.get_tensor(f"layer{i}"))
+        return torch.cat(parts)
+
+
+class FeatureExtractor:
+    """Runs a frozen model over a labelled dataset and caches the hidden states of ``layers``."""
+
+    def __init__(self, model, layout: VocabLayout, tokenizer, spec: SequenceSpec, layers: list[int],
+                 identity: dict, device: torch.device, batch_size: int = 32, chunk_size: int = 512,
+                 progress: bool = True):
+        self.model, self.layout, self.tokenizer, self.spec = model, layout, tokenizer, spec
+        self.layers, self.identity, self.device = sorted(set(layers)), identity, device
+        self.batch_size, self.chunk_size, self.progress = batch_size, chunk_size, progress
+
+    def run(self, ds: LabelledDataset, cache_root: str | Path) -> tuple[dict[str, SplitFeatures], dict]:
+        """Extract (or reuse) both splits; returns their features and the manifest."""
+        ident = {**self.identity, "version": CACHE_VERSION, "sequence": self.spec.to_dict(),
+                 "layers": self.layers, "chunk_size": self.chunk_size,
+                 "dataset": {"root": str(ds.root.resolve()), "classes": ds.classes,
+                             **{s: ds.fingerprint(s) for s in ds.splits}}}
+        cache = Path(cache_root) / cache_key(ident)
+        cache.mkdir(parents=True, exist_ok=True)
+        mpath = cache / "manifest.json"
+        manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
+        if not manifest or manifest.get("identity") != ident:
+            manifest = {"identity": ident, "splits": {s: {"chunks": {}, "skipped": []} for s in ds.splits},
+                        "complete": False}
+            atomic_write_json(mpath, manifest)
+        for split, samples in ds.splits.items():
+            self._extract_split(split, samples, cache, manifest)
+        manifest["complete"] = True
+        atomic_write_json(mpath, manifest)
+        out = {}
+        for split in ds.splits:
+            chunks = [manifest["splits"][split]["chunks"][k] for k in sorted(manifest["splits"][split]["chunks"], key=int)]
+            labels = torch.cat([torch.tensor(c["labels"], dtype=torch.long) for c in chunks]) \
+                if chunks else torch.zeros(0, dtype=torch.long)
+            out[split] = SplitFeatures(cache, split, [c["file"] for c in chunks if c["n"]], labels)
+        return out, manifest
+
+    def _extract_split(self, split: str, samples: list[Sample], cache: Path, manifest: dict) -> None:
+        from safetensors.torch import save_file
+
+        state = manifest["splits"][split]
+        n_chunks = -(-len(samples) // self.chunk_size)
+        todo = [c for c in range(n_chunks) if str(c) not in state["chunks"]]
+        done = len(samples) - sum(len(samples[c * self.chunk_size:(c + 1) * self.chunk_size]) for c in todo)
+        bar = tqdm(total=len(samples), initial=done, desc=f"features {split}", unit=self.spec.kind,
+                   disable=not self.progress or not todo, dynamic_ncols=True)
+        try:
+            for c in todo:
+                idx = range(c * self.chunk_size, min(len(samples), (c + 1) * self.chunk_size))
+                feats, labels, kept = self._chunk([samples[i] for i in idx], list(idx), state, bar)
+                name = f"{split}_{c:05d}.safetensors"
+                if kept:
+                    tensors = {f"layer{l}": torch.cat(feats[l]) for l in self.layers}
+                    tensors["labels"] = torch.tensor(labels, dtype=torch.long)
+                    tensors["sample"] = torch.tensor(kept, dtype=torch.long)
+                    tmp = cache / (name + ".tmp")
+                    save_file(tensors, str(tmp))
+                    tmp.replace(cache / name)
+                state["chunks"][str(c)] = {"file": name, "n": len(kept), "labels": labels}
+                atomic_write_json(cache / "manifest.json", manifest)
+        finally:
+            bar.close()
+
+    @torch.no_grad()
+    def _chunk(self, samples: list[Sample], indices: list[int], state: dict, bar):
+        feats: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        labels, kept, clips = [], [], []
+
+        def flush():
+            if not clips:
+                return
+            n_frames = len(clips[0])
+            codes = self.tokenizer.encode(np.concatenate(clips))  # (B*F, h, w), one tokenizer batch
+            seqs = [to_sequence(codes[j * n_frames:(j + 1) * n_frames], self.layout, self.spec.kind)
+                    for j in range(len(clips))]
+            tokens = torch.from_numpy(np.stack(seqs)).to(self.device)  # (B, 1 + T)
+            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                   else torch.autocast("cpu", enabled=False))
+            with ctx:
+                hidden = self.model.hidden_states(tokens, self.layers)
+            for l in self.layers:
+                feats[l].append(hidden[l][:, 1:].to(torch.float16).cpu())  # (B, T, D): code positions
+            clips.clear()
+
+        res = self.tokenizer.resolution
+        for s, i in zip(samples, indices):
+            try:
+                clips.append(read_frames(s.path, self.spec, res))  # (F, R, R, 3) uint8
+            except DataError as e:
+                state["skipped"].append({"path": str(s.path), "reason": str(e)})
+                bar.update(1)
+                continue
+            labels.append(s.label)
+            kept.append(i)
+            bar.update(1)
+            if len(clips) == self.batch_size:
+                flush()
+        flush()
+        return feats, labels, kept
