@@ -317,12 +317,11 @@ def run_tracking(root: str | Path, out: str | Path, features, cfg: PropagationCo
     from ..ioutil import atomic_write_json
 
     cfg.validate()
+    seqs = davis.list_sequences(root, subset=subset, names=sequences)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "scores").mkdir(exist_ok=True)
+    (out / "scores").mkdir(parents=True, exist_ok=True)
     settings = {**(features.describe() if features is not None else {"features": "copy-first"}),
                 **asdict(cfg), "void": void}
-    seqs = davis.list_sequences(root, subset=subset, names=sequences)
     scored: list[davis.SequenceScores] = []
     skipped: dict[str, str] = {}
     unscored: list[str] = []
