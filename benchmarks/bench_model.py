@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     p.add_argument("--checkpointing", default="base-width,base",
                    help="cases that also get an 'ours + activation checkpointing' row ('none' for none)")
     p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16")
+    p.add_argument("--nominal-peak-tflops", type=float, default=None,
+                   help="the card's datasheet peak for this dtype (e.g. 989 for H100 SXM bf16 dense); "
+                        "adds an MFU column against it")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args(argv)
     device = common.setup(args)
@@ -110,11 +113,16 @@ def main(argv=None) -> int:
         rec["mfu"] = rec["flops_per_step"] / rec["step_s"] / peak
         rec["matmul_peak_flops"] = peak
         row[5] = f"{100 * rec['mfu']:.1f}%"
+        if args.nominal_peak_tflops:
+            rec["mfu_nominal"] = rec["flops_per_step"] / rec["step_s"] / (args.nominal_peak_tflops * 1e12)
+            row.insert(6, f"{100 * rec['mfu_nominal']:.1f}%")
     mem_note = ("peak RSS above the post-import RSS of a fresh process doing 2 steps" if device.type == "cpu"
                 else "torch.cuda.max_memory_allocated of a fresh process doing 2 steps")
     table = {
         "title": f"Training step (forward + backward + AdamW), {device.type}, {dtype}",
-        "columns": ["case", "model", "tokens/s", "ms/step", "speed vs HF", "MFU", "peak memory"],
+        "columns": ["case", "model", "tokens/s", "ms/step", "speed vs HF", "MFU"] +
+                   ([f"MFU vs {args.nominal_peak_tflops:g} TFLOP/s"] if args.nominal_peak_tflops else []) +
+                   ["peak memory"],
         "rows": rows,
         "notes": [f"MFU = (6N + 12*L*d*T) FLOPs per token x tokens/s / measured {peak_dtype} matmul peak "
                   f"({peak / 1e9:,.1f} GFLOP/s, {2048 if device.type == 'cpu' else 8192}^2 matmul, same run); "

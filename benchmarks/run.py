@@ -2,7 +2,8 @@
 
     python -m benchmarks.run                  # all scripts, their defaults (CPU: ~5 min on 2 cores)
     python -m benchmarks.run --quick          # passes --quick to scripts that accept it
-    python -m benchmarks.run --only bench_model -- --device cuda   # args after -- go to each script
+    python -m benchmarks.run --only bench_model -- --device cuda   # args after -- go to the
+                                                                   # scripts that take them
 
 Each script runs in its own process. Scripts that follow the protocol in benchmarks/common.py
 write ``results/<script>.json``; this runner renders those into ``results/latest.md`` and
@@ -32,7 +33,23 @@ def discover() -> list[str]:
 
 
 def accepts(script: str, flag: str) -> bool:
-    return flag in (HERE / f"{script}.py").read_text()
+    """Whether ``script`` takes ``flag``: named in its source, or in the shared parser it uses."""
+    text = (HERE / f"{script}.py").read_text()
+    if "base_parser" in text:
+        text += (HERE / "common.py").read_text()
+    return f'"{flag}"' in text
+
+
+def args_for(script: str, extra: list[str]) -> list[str]:
+    """The ``--flag [values]`` groups of ``extra`` that ``script`` mentions (so one command line
+    can carry, say, bench_model's --nominal-peak-tflops without breaking the other scripts)."""
+    groups: list[list[str]] = []
+    for tok in extra:
+        if tok.startswith("--") or not groups:
+            groups.append([tok])
+        else:
+            groups[-1].append(tok)
+    return [t for g in groups if accepts(script, g[0].split("=", 1)[0]) for t in g]
 
 
 def run_one(script: str, extra: list[str], quick: bool, out: Path, timeout: float) -> dict:
@@ -41,7 +58,7 @@ def run_one(script: str, extra: list[str], quick: bool, out: Path, timeout: floa
         cmd.append("--quick")
     if accepts(script, "--out"):
         cmd += ["--out", str(out)]
-    cmd += extra
+    cmd += args_for(script, extra)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     result = out / f"{script}.json"
     before = result.stat().st_mtime if result.exists() else None
