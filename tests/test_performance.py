@@ -112,3 +112,25 @@ def test_torch_compile_on_cpu_matches_eager():
     torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compile_falls_back_to_eager_when_the_backend_fails(monkeypatch, capsys):
+    """train.compile must not break training where inductor cannot build kernels: with no
+    usable C++ compiler the trainer's compiled forward runs the eager model instead."""
+    import torch._inductor.config as inductor_config
+
+    from toto.train.trainer import _try_compile
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    torch._dynamo.reset()
+    model = tiny(n_layers=1).eval()
+    tokens, _ = batch(model, B=1, T=8)
+    forward = _try_compile(model)
+    with torch.no_grad():
+        out = forward(tokens)
+        again = forward(tokens)  # later calls go straight to eager
+        ref = model(tokens)
+    assert "running eagerly" in capsys.readouterr().out
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(again, ref, atol=0, rtol=0)
+    torch._dynamo.reset()

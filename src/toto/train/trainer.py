@@ -316,8 +316,22 @@ def _tensorboard(out: Path):
 
 
 def _try_compile(model):
+    """torch.compile compiles lazily, so an unusable backend (e.g. no C++ compiler for inductor
+    on CPU) only fails at the first call: fall back to eager there, once."""
     try:
-        return torch.compile(model)
+        compiled = torch.compile(model)
     except Exception as e:  # compile support varies by platform; training still works without it
         print(f"torch.compile unavailable ({e}); running eagerly")
         return model
+    use = [compiled]
+
+    def forward(*args, **kwargs):
+        if use[0] is compiled:
+            try:
+                return compiled(*args, **kwargs)
+            except torch._dynamo.exc.TorchDynamoException as e:
+                print(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0]}); running eagerly")
+                use[0] = model
+        return model(*args, **kwargs)
+
+    return forward
