@@ -163,6 +163,19 @@ def test_cli_export_from_run_folder(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in load_file(str(tmp_path / "hf16" / "model.safetensors")).values())
 
 
+def test_export_refuses_to_replace_a_foreign_folder(tmp_path):
+    model = make_model(tie=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="not an earlier toto export"):
+        save_hf(model, tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()
+    save_hf(model, tmp_path / "empty")  # an empty folder is fine,
+    save_hf(model, tmp_path / "empty")  # and so is replacing an earlier export
+    assert (tmp_path / "empty" / "model.safetensors").is_file()
+
+
 def test_cli_export_missing_checkpoint(tmp_path, capsys):
     from toto.cli import main
 

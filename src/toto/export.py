@@ -159,6 +159,9 @@ def from_hf_state_dict(tensors: dict[str, torch.Tensor], cfg: ModelConfig) -> di
 def save_hf(model, out_dir: str | Path, extra: dict | None = None, dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` as an HF Llama folder, atomically (``OUT_DIR.tmp`` then rename)."""
     out = Path(out_dir)
+    if out.exists() and not (out / "toto.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} exists and is not an earlier toto export; refusing to replace it "
+                              f"(pass a new or empty folder)")
     tensors, tie = to_hf_state_dict(model)
     if dtype is not None:
         tensors = {k: v.to(dtype) for k, v in tensors.items()}
