@@ -240,3 +240,13 @@ def test_run_and_fit_end_to_end(tmp_path, capsys):
 def test_fit_missing_results_is_a_clear_error(tmp_path, capsys):
     assert main(["scaling", "fit", "--results", str(tmp_path)]) == 2
     assert "results.jsonl not found" in capsys.readouterr().err
+
+
+def test_dry_run_lists_runs_and_trains_nothing(tmp_path, capsys):
+    data = write_shards(tmp_path / "d", n_seq=16)
+    grid = _grid(tmp_path, GRID)
+    assert main(["scaling", "run", "--grid", str(grid), "--out", str(tmp_path / "s"), "--data", str(data),
+                 "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert all(n in text for n in ("w16_l1_s6", "w16_l1_s12", "wide_s6", "wide_s12"))
+    assert not (tmp_path / "s").exists()

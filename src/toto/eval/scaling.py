@@ -314,8 +314,10 @@ def _loglog_slope(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return my[..., 0] - b * mx[..., 0], b
 
 
-def _interval(samples: np.ndarray, level: float) -> list[float]:
+def _interval(samples: np.ndarray, level: float) -> list[float] | None:
     ok = samples[np.isfinite(samples)]
+    if ok.size < 2:
+        return None  # every resample failed: no interval (printed as n/a)
     lo, hi = np.percentile(ok, [50 * (1 - level), 50 * (1 + level)])
     return [float(lo), float(hi)]
 
@@ -458,6 +460,10 @@ def analyse(results: str | Path, irreducible: bool = False, final_only: bool = F
     return out
 
 
+def _fmt_ci(ci) -> str:
+    return "n/a (every bootstrap resample failed)" if ci is None else f"[{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
 def summary_lines(res: dict) -> list[str]:
     lines = [f"{res['n_runs']} runs, {res['n_points']} validation points ({res['points']}); "
              f"compute-optimal frontier: {len(res['frontier'])} points "
@@ -466,16 +472,18 @@ def summary_lines(res: dict) -> list[str]:
         fit = res.get(key)
         if not fit:
             continue
-        lo, hi = fit["b_ci"]
         pct = int(round(100 * fit["ci_level"]))
         extra = f" + {fit['L_inf']:.4f}" if "L_inf" in fit else ""
         lines.append(f"L(C) = {fit['a']:.4g} * C^{fit['b']:.4f}{extra}   exponent b = {fit['b']:.4f}, "
-                     f"{pct}% CI [{lo:.4f}, {hi:.4f}] ({fit['ci_method']}); "
+                     f"{pct}% CI {_fmt_ci(fit['b_ci'])} ({fit['ci_method']}); "
                      f"rms log residual {fit['rmse_log']:.4f}")
         if "L_inf" in fit:
-            l0, l1 = fit["L_inf_ci"]
             bound = " (at its bound 0: the frontier shows no flattening)" if fit["L_inf"] < 1e-6 else ""
-            lines.append(f"  irreducible loss L_inf = {fit['L_inf']:.4f}, {pct}% CI [{l0:.4f}, {l1:.4f}]{bound}")
+            lines.append(f"  irreducible loss L_inf = {fit['L_inf']:.4f}, {pct}% CI "
+                         f"{_fmt_ci(fit['L_inf_ci'])}{bound}")
+        if fit["b_ci"] is None:
+            continue
+        lo, hi = fit["b_ci"]
         refs = []
         for name, ref in res["reference_exponents"].items():
             where = "inside our CI" if lo <= ref <= hi else ("steeper than our CI" if ref < lo
