@@ -153,7 +153,9 @@ class _Decoders:
         self.procs, self.queues = [], []
         w = min(opts.workers, len(items))
         if w > 0:
-            ctx = mp.get_context("spawn")  # no fork of a process that already runs torch threads
+            # fork (as torch's DataLoader does): workers only use PyAV/PIL/numpy, never torch or
+            # CUDA, and start without re-importing the caller's __main__ (spawn's cost)
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             for k in range(w):
                 q = ctx.Queue(maxsize=opts.queue_size)
                 mine = [(i, str(p), kind) for i, p, kind in items[k::w]]
