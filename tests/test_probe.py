@@ -1,0 +1,281 @@
+"""Probing: attention pooling against a hand computation, probe training, dataset scanning,
+feature caching, bad input, and an end-to-end check on scikit-learn's digits that a briefly
+pre-trained model probes above its own random initialisation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from toto.errors import CheckpointError, ConfigError, DataError
+from toto.eval.features import scan_dataset
+from toto.eval.probe import (AttentivePool, Probe, ProbeConfig, best_layer, cosine_lr, topk_accuracy,
+                             train_probe)
+
+
+# -- attention pooling -------------------------------------------------------------------------
+
+def test_attentive_pool_matches_hand_computation():
+    torch.manual_seed(0)
+    B, T, D, H = 3, 7, 12, 3
+    Dh = D // H
+    pool = AttentivePool(D, H)
+    with torch.no_grad():
+        pool.query.normal_()  # a non-trivial query so the weights are far from uniform
+    x = torch.randn(B, T, D)
+    got = pool(x).detach()
+    pool.requires_grad_(False)
+
+    Wk, bk, Wv, bv = pool.k.weight, pool.k.bias, pool.v.weight, pool.v.bias
+    q = pool.query
+    want = torch.zeros(B, D)
+    weights = torch.zeros(B, H, T)
+    for b in range(B):
+        for h in range(H):
+            sl = slice(h * Dh, (h + 1) * Dh)
+            scores = []
+            for t in range(T):
+                k_t = x[b, t] @ Wk[sl].T + bk[sl]
+                scores.append(float((q[sl] * k_t).sum()) / math.sqrt(Dh))
+            m = max(scores)
+            e = [math.exp(s - m) for s in scores]
+            w = [v / sum(e) for v in e]
+            weights[b, h] = torch.tensor(w)
+            for t in range(T):
+                want[b, sl] += w[t] * (x[b, t] @ Wv[sl].T + bv[sl])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool.attention_weights(x), weights, atol=1e-6, rtol=1e-5)
+    assert weights.max() > 2 / T  # the check is not passing by uniform weights
+
+
+def test_pooling_ignores_token_order():
+    torch.manual_seed(1)
+    x = torch.randn(2, 9, 16)
+    perm = torch.randperm(9)
+    for pooling in ("attentive", "average"):
+        probe = Probe(16, 5, pooling, heads=4).eval()
+        torch.testing.assert_close(probe(x), probe(x[:, perm]), atol=1e-5, rtol=1e-5)
+
+
+# -- probe training ----------------------------------------------------------------------------
+
+def test_topk_and_schedule_by_hand():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.3], [0.2, 0.3, 0.5]])
+    labels = torch.tensor([1, 2, 0])
+    assert topk_accuracy(logits, labels, 1) == pytest.approx(1 / 3)
+    assert topk_accuracy(logits, labels, 2) == pytest.approx(2 / 3)  # row 3's label 0 is ranked last
+    assert topk_accuracy(logits, labels, 5) == 1.0  # k is capped at the class count
+    assert cosine_lr(0, 100, 10, 1.0, 0.0) == pytest.approx(0.1)
+    assert cosine_lr(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
+    assert cosine_lr(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)  # half-way through the decay
+    assert cosine_lr(100, 100, 10, 1.0, 0.2) == pytest.approx(0.2)
+
+
+def _needle_data(n: int, seed: int, T: int = 12, D: int = 16, C: int = 4):
+    """Class c plants a fixed pattern at one random token among noise tokens; the class is
+    invisible in the token average once the noise dominates, visible to attention."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(C, D, generator=torch.Generator().manual_seed(99)) * 3
+    x = torch.randn(n, T, D, generator=g)
+    y = torch.randint(0, C, (n,), generator=g)
+    pos = torch.randint(0, T, (n,), generator=g)
+    x[torch.arange(n), pos] = patterns[y] + 0.1 * torch.randn(n, D, generator=g)
+    return x, y
+
+
+def test_train_probe_learns_and_is_deterministic():
+    tx, ty = _needle_data(240, 0)
+    vx, vy = _needle_data(120, 1)
+    cfg = ProbeConfig(epochs=10, batch_size=48, lr=1e-2, warmup_epochs=1, seed=3)
+    r1, _ = train_probe(tx, ty, vx, vy, 4, "attentive", cfg, default_heads=4)
+    r2, _ = train_probe(tx, ty, vx, vy, 4, "attentive", cfg, default_heads=4)
+    assert r1 == r2  # same seed, same result, bit for bit
+    assert r1.top1 > 0.8, r1  # chance is 0.25
+    assert r1.top5 is None  # only 4 classes
+    r3, _ = train_probe(tx, ty, vx, vy, 4, "attentive", ProbeConfig(**{**cfg.to_dict(), "seed": 4}), 4)
+    assert r3 != r1
+    # the needle hides in the token average: attention pooling finds it, average pooling cannot
+    avg, _ = train_probe(tx, ty, vx, vy, 4, "average", cfg, default_heads=4)
+    assert avg.top1 < r1.top1 - 0.15, (avg, r1)
+
+
+def test_probe_config_rejects_bad_values():
+    with pytest.raises(ConfigError, match="norm"):
+        ProbeConfig(norm="groupnorm").validate()
+    with pytest.raises(ConfigError, match="epochs"):
+        ProbeConfig(epochs=0).validate()
+
+
+def test_best_layer_prefers_shallowest_on_ties():
+    res = {0: {"attentive": {"top1": 0.5}}, 2: {"attentive": {"top1": 0.8}}, 3: {"attentive": {"top1": 0.8}}}
+    assert best_layer(res, "attentive") == (2, 0.8)
+
+
+# -- datasets ----------------------------------------------------------------------------------
+
+def _write_png(path: Path, value: int, size: int = 16) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(path)
+
+
+def test_scan_class_folders_and_list_files(tmp_path):
+    for split in ("train", "val"):
+        for c, cls in enumerate(("b_cls", "a_cls")):
+            for i in range(3):
+                _write_png(tmp_path / "f" / split / cls / f"{i}.png", 40 * c + i)
+    (tmp_path / "f" / "train" / "empty_cls").mkdir()
+    (tmp_path / "f" / "train" / "empty_cls" / "notes.txt").write_text("not media")
+    ds = scan_dataset(tmp_path / "f", max_per_class=2)
+    assert ds.classes == ["a_cls", "b_cls"] and ds.kind == "image"
+    assert [s.label for s in ds.splits["train"]] == [0, 0, 1, 1]
+    assert ds.skipped_classes == [str(tmp_path / "f" / "train" / "empty_cls")]
+
+    lst = tmp_path / "l"
+    lst.mkdir()
+    (lst / "train.txt").write_text(f"# comment\n{tmp_path}/f/train/a_cls/0.png cat\n"
+                                   f"../f/train/b_cls/0.png dog\n")
+    (lst / "val.txt").write_text("../f/val/a_cls/1.png dog\n")
+    ds = scan_dataset(lst)
+    assert ds.classes == ["cat", "dog"]
+    assert [(s.path.name, s.label) for s in ds.splits["train"]] == [("0.png", 0), ("0.png", 1)]
+    assert ds.splits["val"][0].path.resolve() == (tmp_path / "f/val/a_cls/1.png").resolve()
+
+
+def test_scan_bad_layouts(tmp_path):
+    _write_png(tmp_path / "a" / "train" / "x" / "0.png", 1)
+    with pytest.raises(DataError, match="missing the val split"):
+        scan_dataset(tmp_path / "a")
+    _write_png(tmp_path / "a" / "val" / "y" / "0.png", 1)
+    with pytest.raises(DataError, match=r"val classes \['y'\]"):
+        scan_dataset(tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "train.txt").write_text("only_a_path.png\n")
+    (tmp_path / "b" / "val.txt").write_text("x.png a\n")
+    with pytest.raises(DataError, match="train.txt:1"):
+        scan_dataset(tmp_path / "b")
+    with pytest.raises(DataError, match="not found"):
+        scan_dataset(tmp_path / "nope")
+
+
+# -- extraction, cache and the command on a tiny untrained checkpoint --------------------------
+
+def _tiny_setup(tmp_path: Path, n_codes: int = 8, resolution: int = 16):
+    """A patch tokenizer, a random tiny checkpoint of matching vocabulary, and a 2-class image
+    dataset whose classes differ in brightness; one train file is corrupt."""
+    from toto.config import build_config
+    from toto.model.llama import Toto
+    from toto.tokenizers.patch import PatchTokenizer
+    from toto.train.checkpoint import save_checkpoint
+    from toto.vocab import N_SPECIAL
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for split, n in (("train", 8), ("val", 4)):
+        for c, base in enumerate((40, 200)):
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 20, (resolution, resolution, 3)), 0, 255).astype(np.uint8)
+                p = root / split / f"c{c}" / f"{i}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(p)
+    (root / "train" / "c0" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    frames = np.stack([np.asarray(Image.open(p)) for p in sorted(root.glob("train/c*/*.png"))])
+    tok = PatchTokenizer.fit(frames, n_codes=n_codes, patch=8, resolution=resolution, seed=0)
+    tok.save(tmp_path / "tok.safetensors")
+    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2",
+                                      "model.ffn_dim=64", f"model.vocab_size={n_codes + N_SPECIAL}",
+                                      "model.max_seq_len=64"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run", 7, Toto(cfg.model), cfg, {"tokens": 0})
+    return root, tmp_path / "tok.safetensors", tmp_path / "run"
+
+
+def test_probe_command_end_to_end_small(tmp_path, capsys):
+    from toto.cli import main
+
+    data, tok, run = _tiny_setup(tmp_path)
+    out = tmp_path / "out"
+    args = ["probe", "--checkpoint", str(run), "--tokenizer", str(tok), "--data", str(data), "--out", str(out),
+            "--layers", "0,2", "--random-init", "--no-progress", "--epochs", "3", "--probe-batch-size", "8"]
+    assert main(args) == 0
+    rep = json.loads((out / "results.json").read_text())
+    assert rep["layers"] == [0, 2] and rep["n_classes"] == 2 and rep["step"] == 7
+    for name in ("trained", "random_init"):
+        m = rep["models"][name]
+        assert m["n_train"] == 16 and m["n_val"] == 8
+        assert [Path(p).name for p in m["skipped"]["train"]] == ["broken.jpg"]
+        assert sorted(m["layers"]) == ["0", "2"]
+        for layer in ("0", "2"):
+            for pooling in ("attentive", "average"):
+                r = m["layers"][layer][pooling]
+                assert 0 <= r["top1"] <= 1 and r["top5"] is None
+        best = m["best"]
+        assert best["top1"] == max(m["layers"][l]["attentive"]["top1"] for l in ("0", "2"))
+    assert rep["best_layer"] == rep["models"]["trained"]["best"]["layer"]
+    assert (out / "probe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "best layer" in printed and "skipped 1 unreadable" in printed
+
+    # the feature caches (trained, random init) are reused: no chunk file is rewritten
+    chunks = sorted((out / "features").glob("*/*.safetensors"))
+    assert len(chunks) == 4  # 2 models x 2 splits, one chunk each
+    stamps = [p.stat().st_mtime_ns for p in chunks]
+    assert main(args) == 0
+    assert [p.stat().st_mtime_ns for p in chunks] == stamps
+    assert json.loads((out / "results.json").read_text())["models"] == rep["models"]  # deterministic
+
+
+def test_features_match_model_hidden_states(tmp_path):
+    """The cached features are the model's residual stream at the code positions of
+    [3] + codes, for each requested layer."""
+    from toto.eval.features import FeatureExtractor, SequenceSpec, check_compatible
+    from toto.tokenizers.base import get_tokenizer
+    from toto.train.checkpoint import load_model
+    from toto.data.images import read_image
+
+    data, tok_path, run = _tiny_setup(tmp_path)
+    tok = get_tokenizer(tok_path)
+    model, cfg, state = load_model(run)
+    spec = SequenceSpec("image")
+    layout = check_compatible(cfg.model, state, tok, spec, "ckpt")
+    ds = scan_dataset(data)
+    feats, manifest = FeatureExtractor(model, layout, tok, spec, [0, 2], {"m": 1}, torch.device("cpu"),
+                                       batch_size=3, chunk_size=5, progress=False).run(ds, tmp_path / "cache")
+    assert len(manifest["splits"]["train"]["chunks"]) == 4  # 17 files in chunks of 5
+    val = ds.splits["val"]
+    frames = np.stack([read_image(s.path, tok.resolution) for s in val])
+    codes = tok.encode(frames).reshape(len(val), -1) + layout.code_offset
+    tokens = torch.cat([torch.full((len(val), 1), layout.image_start), torch.from_numpy(codes)], 1)
+    hidden = model.hidden_states(tokens, [0, 2])
+    for layer in (0, 2):
+        got = feats["val"].layer(layer)
+        assert got.shape == (len(val), 4, cfg.model.dim) and got.dtype == torch.float16
+        torch.testing.assert_close(got.float(), hidden[layer][:, 1:], atol=2e-3, rtol=2e-3)
+    assert feats["val"].labels.tolist() == [s.label for s in val]
+
+
+def test_vocabulary_mismatch_and_bad_options(tmp_path):
+    from toto.cli import main
+    from toto.tokenizers.patch import PatchTokenizer
+
+    data, tok, run = _tiny_setup(tmp_path)
+    other = tmp_path / "other.safetensors"
+    frames = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    PatchTokenizer.fit(frames, n_codes=5, patch=8, resolution=16).save(other)
+    from toto.eval.probe import ProbeJob
+
+    with pytest.raises(CheckpointError, match=r"vocabulary is 12 ids but the tokenizer has 5 codes"):
+        ProbeJob(str(run), str(other), str(data), tmp_path / "o", progress=False).run()
+    with pytest.raises(ConfigError, match=r"out of range: this model has layers 0..2"):
+        ProbeJob(str(run), str(tok), str(data), tmp_path / "o", layers=[0, 5], progress=False).run()
+    base = ["probe", "--checkpoint", str(run), "--tokenizer", str(tok), "--data", str(data), "--out",
+            str(tmp_path / "o"), "--no-progress"]
+    assert main(base + ["--pooling", "max"]) == 2
+    assert main(base + ["--layers", "a,b"]) == 2
+    assert main(["probe", "--checkpoint", str(tmp_path), "--tokenizer", str(tok), "--data", str(data),
+                 "--out", str(tmp_path / "o")]) == 2  # no checkpoint there
