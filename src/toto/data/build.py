@@ -255,7 +255,7 @@ def build_shards(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | 
     n_written_now = [0]
 
     def commit(unit: _Unit) -> None:
-        nonlocal skip_first, stats
+        nonlocal skip_first
         if unit.ok:
             unit.stats["sequences_" + unit.kind] += len(unit.seqs)
             unit.stats["sequences"] += len(unit.seqs)

@@ -35,11 +35,11 @@ def from_patches(patches: torch.Tensor, p: int) -> torch.Tensor:
 def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched assignment: ``x: (M, D)``, ``centroids: (K, D)`` -> (index (M,) int64, sq. dist (M,)).
 
-    ``|x|^2 - 2 x.c + |c|^2`` in row chunks so memory stays ~64M floats; ties go to the lower
+    ``|x|^2 - 2 x.c + |c|^2`` in row chunks so memory stays ~16M floats; ties go to the lower
     index (torch.min returns the first minimum).
     """
     k = centroids.shape[0]
-    chunk = chunk or max(1, (1 << 26) // max(k, 1))
+    chunk = chunk or max(1, (1 << 24) // max(k, 1))
     c2 = (centroids * centroids).sum(1)
     idx, dist = [], []
     for s in range(0, x.shape[0], chunk):
