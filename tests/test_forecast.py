@@ -17,6 +17,15 @@ from toto.eval.forecast import psnr, ssim
 RES, N_CODES = 32, 32  # 4x4 codes of 8x8 pixels per frame
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread avoids OpenMP stalls on a shared, oversubscribed CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # -- metrics ------------------------------------------------------------------------------------
 
 def test_psnr_hand_computed():
@@ -198,3 +207,40 @@ def test_cli_errors_are_one_clear_line(setup, tmp_path, capsys):
     assert main(["forecast", "--checkpoint", str(tmp_path / "nothing"), "--tokenizer", str(setup["tokfile"]),
                  "--video", clip, "--out", str(tmp_path / "o")]) == 2
     assert "no checkpoint found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_model_that_memorised_the_clip_forecasts_its_real_continuation(setup, tmp_path):
+    """Overfit a tiny model on carphone's own token sequence: greedy forecasting from 4 real
+    frames must then reproduce the real continuation, which checks the prompt layout, positions,
+    code offsets and the metric bookkeeping end to end (forecast == reconstruction there)."""
+    from toto.config import Config, ModelConfig
+    from toto.model.llama import Toto
+    from toto.train.checkpoint import save_checkpoint
+
+    tok, layout = setup["tok"], setup["layout"]
+    codes = tok.encode(setup["frames"][:12])  # (12, 4, 4)
+    seq = torch.from_numpy(layout.sequence(codes, "video").astype(np.int64))[None]  # (1, 194)
+    cfg = Config(model=ModelConfig(n_layers=2, n_heads=2, dim=64, ffn_dim=128, vocab_size=layout.vocab_size,
+                                   max_seq_len=seq.shape[1]))
+    torch.manual_seed(0)
+    model = Toto(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    for step in range(300):
+        _, loss = model(seq[:, :-1], seq[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    assert loss.item() < 0.05, (step, loss.item())
+    save_checkpoint(tmp_path / "run", 1, model, cfg, {"vocab": layout.to_dict(), "tokenizer": tok.identity()})
+    out = tmp_path / "out"
+    assert main(["forecast", "--checkpoint", str(tmp_path / "run"), "--tokenizer", str(setup["tokfile"]),
+                 "--video", str(setup["clip"]), "--context-frames", "4", "--frames", "8", "--greedy",
+                 "--out", str(out), "--no-progress"]) == 0
+    item = json.loads((out / "forecast.json").read_text())["items"][0]
+    assert item["mean"]["token_accuracy"] == 1.0
+    for row in item["per_frame"]:
+        assert row["psnr_recon"] is None and row["ssim_recon"] == pytest.approx(1.0)
+        assert row["psnr"] == row["tokenizer_psnr"] and row["ssim"] == row["tokenizer_ssim"]

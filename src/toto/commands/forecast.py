@@ -31,6 +31,7 @@ def add_arguments(p):
     g.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed (default {d.seed})")
     p.add_argument("--fps", type=int, default=d.fps, help=f"frame rate of the written videos (default {d.fps})")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 helps on a busy shared CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -41,6 +42,12 @@ def run(args) -> int:
 
     if args.index is not None and args.data is None:
         raise ConfigError("--index selects sequences of --data DIR; it has no meaning with --video")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     s = ForecastSettings(context_frames=args.context_frames, frames=args.frames, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
                          stride=args.stride, fps=args.fps, device=args.device).validate()
