@@ -19,7 +19,13 @@ from toto.tokenizers.dvae import (Decoder, DVAEConfig, DVAETokenizer, Encoder, d
 
 dall_e = pytest.importorskip("dall_e", reason="reference package: pip install --no-deps dall-e==0.1 attrs")
 
-SMALL = dict(n_hid=64, vocab_size=512)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small convolutions: a second thread only adds synchronisation (ruinous on a busy CPU)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def photo_frames(size: int, n: int, seed: int = 0) -> np.ndarray:

@@ -75,7 +75,16 @@ def _convert(args) -> int:
 
 def _train(args) -> int:
     from ..data.media import sample_frames
+    from ..errors import ConfigError
 
+    if args.kind == "dvae":  # validate options before the (slow) decoding
+        from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
+
+        opts = {k: getattr(args, k) for k in ("n_hid", "n_blk_per_group", "group_count", "steps", "batch_size",
+                                              "lr", "kl_weight", "device") if getattr(args, k) is not None}
+        cfg = DVAETrainConfig(vocab_size=args.n_codes, resolution=args.resolution, seed=args.seed, **opts).validate()
+    elif args.patch < 1 or args.resolution % args.patch:
+        raise ConfigError(f"--resolution {args.resolution} is not a multiple of --patch {args.patch}")
     frames = sample_frames([Path(m) for m in args.media], args.resolution, args.max_frames, seed=args.seed,
                            stride=args.stride)  # (N, R, R, 3) uint8
     print(f"pooled {len(frames)} frames of {args.resolution}x{args.resolution} from {len(args.media)} input(s)")
@@ -93,11 +102,6 @@ def _train(args) -> int:
               f"{use['used']}/{tok.n_codes} codes used")
         return 0
 
-    from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
-
-    opts = {k: getattr(args, k) for k in ("n_hid", "n_blk_per_group", "group_count", "steps", "batch_size", "lr",
-                                          "kl_weight", "device") if getattr(args, k) is not None}
-    cfg = DVAETrainConfig(vocab_size=args.n_codes, resolution=args.resolution, seed=args.seed, **opts)
     tok, rep = train_dvae(frames, cfg, args.out, progress=not args.no_progress, resume=not args.restart)
     h = rep["held_out"]
     print(f"wrote {args.out}: dVAE, {tok.n_codes} codes; held-out ({rep['frames']['held_out']} frames): "
