@@ -244,3 +244,39 @@ def test_a_model_that_memorised_the_clip_forecasts_its_real_continuation(setup, 
     for row in item["per_frame"]:
         assert row["psnr_recon"] is None and row["ssim_recon"] == pytest.approx(1.0)
         assert row["psnr"] == row["tokenizer_psnr"] and row["ssim"] == row["tokenizer_ssim"]
+
+
+def test_stride_defaults_to_the_training_datas(setup, tmp_path):
+    """Without --stride, videos are sampled at the stride recorded by the training shards."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from toto.data.shards import ShardGeometry, ShardWriter
+    from toto.data.video import read_video
+
+    tok, layout = setup["tok"], setup["layout"]
+    w = ShardWriter(tmp_path / "shards", layout, ShardGeometry((4, 4), 8), tok.identity(), overwrite=True)
+    w.meta["config"] = {"stride": 3}  # what `toto tokenize` records
+    w.add(layout.sequence(tok.encode(setup["frames"][:8]), "video"))
+    w.close()
+    run = tmp_path / "run"
+    shutil.copytree(setup["ckpt"], run)
+    ck = next((run / "checkpoints").glob("step_*"))
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["data"]["path"] = str(tmp_path / "shards")
+    (ck / "config.json").write_text(json.dumps(cfg))
+    argv = ["forecast", "--checkpoint", str(run), "--tokenizer", str(setup["tokfile"]), "--video", str(setup["clip"]),
+            "--context-frames", "2", "--frames", "1", "--greedy", "--no-progress"]
+    for extra, stride in (([], 3), (["--stride", "5"], 5)):
+        out = tmp_path / f"out{stride}"
+        assert main(argv + ["--out", str(out)] + extra) == 0
+        rep = json.loads((out / "forecast.json").read_text())
+        assert rep["settings"]["stride"] == stride
+        assert ("training data" in rep["settings"]["stride_source"]) == (not extra)
+        real = load_file(str(out / "codes.safetensors"))["carphone_pristine.real"]
+        assert np.array_equal(real, tok.encode(read_video(setup["clip"], stride, RES, max_frames=3)))
+    shutil.rmtree(tmp_path / "shards")  # training data gone: SPEC's stride 4
+    assert main(argv + ["--out", str(tmp_path / "o4")]) == 0
+    rep = json.loads((tmp_path / "o4" / "forecast.json").read_text())
+    assert rep["settings"]["stride"] == 4 and rep["settings"]["stride_source"] == "default"

@@ -21,8 +21,9 @@ def add_arguments(p):
     p.add_argument("--context-frames", type=int, default=d.context_frames,
                    help=f"real frames given to the model (default {d.context_frames})")
     p.add_argument("--frames", type=int, default=d.frames, help=f"frames to forecast (default {d.frames})")
-    p.add_argument("--stride", type=int, default=d.stride,
-                   help=f"keep one video frame in STRIDE, as in pre-training (default {d.stride})")
+    p.add_argument("--stride", type=int, default=None,
+                   help="keep one video frame in STRIDE (default: the stride recorded in the index of the model's "
+                        "training shards, else 4)")
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=d.temperature, help=f"(default {d.temperature})")
     g.add_argument("--top-k", type=int, default=d.top_k, help="sample among the K most likely codes (default: all)")

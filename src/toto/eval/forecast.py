@@ -100,9 +100,10 @@ class ForecastSettings:
     top_p: float | None = None
     greedy: bool = False
     seed: int | None = 0
-    stride: int = 4  # keep one video frame in `stride`, as in pre-training
+    stride: int | None = None  # keep one video frame in `stride`; None: the training data's (else 4)
     fps: int = 4  # frame rate of the written side-by-side video
     device: str = "auto"
+    stride_source: str = "--stride"
 
     def validate(self) -> "ForecastSettings":
         from ..model.generate import check_sampling
@@ -111,7 +112,7 @@ class ForecastSettings:
             raise ConfigError(f"--context-frames must be >= 1, got {self.context_frames}")
         if self.frames < 1:
             raise ConfigError(f"--frames must be >= 1, got {self.frames}")
-        if self.stride < 1:
+        if self.stride is not None and self.stride < 1:
             raise ConfigError(f"--stride must be >= 1, got {self.stride}")
         if self.fps < 1:
             raise ConfigError(f"--fps must be >= 1, got {self.fps}")
@@ -312,8 +313,28 @@ def _resolve_device(name: str) -> torch.device:
     return dev
 
 
+DEFAULT_STRIDE = 4  # SPEC: one frame in 4
+
+
+def training_stride(cfg) -> tuple[int, str]:
+    """The stride the model's training videos were sampled at, read from the index of the shard
+    folder its config names (``toto tokenize`` records it); SPEC's 4 when that is unavailable."""
+    from ..data.shards import read_index
+
+    path = getattr(cfg.data, "path", None)
+    if path:
+        try:
+            stride = read_index(path).get("meta", {}).get("config", {}).get("stride")
+        except DataError:
+            stride = None
+        if isinstance(stride, int) and stride >= 1:
+            return stride, f"training data {path}"
+    return DEFAULT_STRIDE, "default"
+
+
 def load_for_forecast(checkpoint: str | Path, tokenizer_path: str | Path, s: ForecastSettings):
-    """(model, config, state, tokenizer, layout, device) with the vocabulary and context checked."""
+    """(model, config, state, tokenizer, layout, device) with the vocabulary and context checked;
+    an unset ``s.stride`` is filled in from the training data (``s.stride_source`` says where)."""
     from ..eval.features import SequenceSpec, check_compatible
     from ..tokenizers.base import get_tokenizer
     from ..train.checkpoint import load_model
@@ -322,6 +343,8 @@ def load_for_forecast(checkpoint: str | Path, tokenizer_path: str | Path, s: For
     model, cfg, state = load_model(checkpoint, device)
     tok = get_tokenizer(tokenizer_path, device=str(device))
     where = state["path"]
+    if s.stride is None:
+        s.stride, s.stride_source = training_stride(cfg)
     layout = check_compatible(cfg.model, state, tok, SequenceSpec("video", s.total_frames, s.stride), where)
     _check_identity(state.get("tokenizer"), tok, f"checkpoint {where}", CheckpointError)
     return model, cfg, state, tok, layout, device
