@@ -1,5 +1,4 @@
 import json
-import math
 
 import numpy as np
 import pytest
@@ -7,7 +6,7 @@ import torch
 
 from conftest import write_shards
 from toto.cli import main
-from toto.config import ModelConfig, build_config
+from toto.config import ModelConfig
 from toto.errors import ConfigError, DataError
 from toto.eval import scaling as sc
 from toto.ioutil import read_jsonl
