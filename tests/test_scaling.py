@@ -249,3 +249,20 @@ def test_dry_run_lists_runs_and_trains_nothing(tmp_path, capsys):
     text = capsys.readouterr().out
     assert all(n in text for n in ("w16_l1_s6", "w16_l1_s12", "wide_s6", "wide_s12"))
     assert not (tmp_path / "s").exists()
+
+
+def test_fit_skips_and_reports_a_run_with_corrupt_metrics(tmp_path):
+    recs = []
+    for i, (name, loss) in enumerate([("a", 3.0), ("b", 2.6), ("c", 2.3), ("bad", 1.0)]):
+        (tmp_path / name).mkdir()
+        lines = [json.dumps({"step": 10, "val_loss": loss + 0.5}), json.dumps({"step": 20, "val_loss": loss})]
+        if name == "bad":
+            lines.insert(1, '{"step": 15, "val_lo')  # a torn write
+        (tmp_path / name / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        recs.append({"name": name, "run_dir": name, "flops_per_token": 10.0 ** (i + 1), "tokens_per_step": 1,
+                     "steps": 20, "val_loss": loss, "params": 10 ** i, "warmup_steps": 0})
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    res = sc.analyse(tmp_path, n_boot=50)
+    assert list(res["runs_without_points"]) == ["bad"] and "bad JSON line" in res["runs_without_points"]["bad"]
+    assert {p["run"] for p in res["frontier"]} == {"a", "b", "c"}
+    assert any("skipped run bad" in line for line in sc.summary_lines(res))

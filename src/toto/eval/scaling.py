@@ -438,13 +438,17 @@ def analyse(results: str | Path, irreducible: bool = False, final_only: bool = F
             include_warmup: bool = False, min_flops: float = 0.0, n_boot: int = 2000, seed: int = 0,
             level: float = 0.95) -> dict:
     rdir, recs = load_results(results)
-    curves, skipped = {}, []
+    curves, skipped = {}, {}
     for r in recs:
-        pts = run_points(r, rdir, final_only, include_warmup)
+        try:
+            pts = run_points(r, rdir, final_only, include_warmup)
+        except json.JSONDecodeError as e:
+            skipped[r["name"]] = f"{rdir / r['run_dir'] / 'metrics.jsonl'}: bad JSON line ({e})"
+            continue
         if pts:
             curves[r["name"]] = pts
         else:
-            skipped.append(r["name"])
+            skipped[r["name"]] = "no finite validation loss"
     allpts = [(c, l, name, s) for name, pts in curves.items() for c, l, s in pts if c >= min_flops]
     front = frontier(allpts)
     C = np.array([p[0] for p in front])
@@ -468,6 +472,8 @@ def summary_lines(res: dict) -> list[str]:
     lines = [f"{res['n_runs']} runs, {res['n_points']} validation points ({res['points']}); "
              f"compute-optimal frontier: {len(res['frontier'])} points "
              f"(lowest loss at each compute: running minimum over compute)"]
+    for name, why in res["runs_without_points"].items():
+        lines.append(f"  skipped run {name}: {why}")
     for key in ("power_law", "power_law_irreducible"):
         fit = res.get(key)
         if not fit:
