@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ..config import Config, ModelConfig, PRESETS, apply_dict, apply_overrides, preset, validate
+from ..config import Config, ModelConfig, PRESETS, apply_dict, preset, validate
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_write_bytes, atomic_write_json, read_jsonl
 
@@ -169,8 +169,8 @@ def plan(grid: Grid, out_dir: str | Path, data: str | None = None) -> list[RunSp
                                   f"and shapes[{i}]); give the shapes distinct 'name:' fields or budgets "
                                   f"that round to different step counts")
             seen[name] = i
-            apply_overrides(cfg, [f"data.path={data}", f"train.out_dir={Path(out_dir) / 'runs' / name}",
-                                  f"train.max_steps={steps}"])
+            cfg.data.path, cfg.train.max_steps = str(data), steps
+            cfg.train.out_dir = str(Path(out_dir) / "runs" / name)
             try:
                 validate(cfg)
             except ConfigError as e:
