@@ -220,7 +220,9 @@ class Toto(nn.Module):
         if pos is not None and self.layers[0].attn.cache is None:
             raise RuntimeError("call setup_cache(batch, max_len) before decoding with pos=")
         *_, x = self._blocks(tokens, pos, len(self.layers))
-        logits = self.head(self.norm(x)) * self.logit_scale
+        logits = self.head(self.norm(x))
+        if self.logit_scale != 1.0:  # muP only: otherwise skip a pass over (B, T, vocab) both ways
+            logits = logits * self.logit_scale
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
