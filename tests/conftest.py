@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# Tiny models gain nothing from intra-op threads, and on a shared 2-core machine (CI runs
+# subprocess tests beside the pytest process) spinning OpenMP threads slow small kernels a lot.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

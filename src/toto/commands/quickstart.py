@@ -1,0 +1,47 @@
+"""`toto quickstart`: the whole pipeline end to end, with a report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HELP = "run the whole pipeline (tokenize, pre-train, probe, track, forecast) and write a report"
+
+
+def add_arguments(p):
+    from ..config import PRESETS
+
+    p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
+    p.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                   help="tiny (default): shipped sample data on a CPU in ~10 min; base/large/1b: paper "
+                        "scale on your --videos/--images")
+    p.add_argument("--videos", nargs="*", default=[], metavar="PATH", help="video files/folders/lists")
+    p.add_argument("--images", nargs="*", default=[], metavar="PATH", help="image files/folders/lists")
+    p.add_argument("--tokenizer", metavar="FILE", help="use this tokenizer file (e.g. `toto tokenizer "
+                   "convert-dalle` output) instead of fitting one")
+    p.add_argument("--fit-tokenizer", dest="tokenizer_kind", choices=("patch", "dvae"), default="patch",
+                   help="tokenizer to fit when --tokenizer is not given (default patch: k-means, fast)")
+    p.add_argument("--probe-data", metavar="ROOT", help="class-folder dataset (default: scikit-learn digits)")
+    p.add_argument("--davis", metavar="ROOT", help="DAVIS-2017 layout folder (default: a synthetic set)")
+    p.add_argument("--resolution", type=int, help="frame size (default 64 for tiny, 128 for paper presets)")
+    p.add_argument("--n-codes", type=int, default=256, help="codebook size of a fitted tokenizer (default 256)")
+    p.add_argument("--frames", type=int, default=16, help="frames per sequence (default 16)")
+    p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
+    p.add_argument("--steps", type=int, help="pre-training steps (default: 300 for tiny, the preset's otherwise)")
+    p.add_argument("--probe-epochs", type=int, default=20)
+    p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value", help="training config overrides")
+
+
+def run(args) -> int:
+    from ..quickstart import Quickstart, QuickstartOptions
+
+    opts = QuickstartOptions(out=Path(args.out), preset=args.preset, videos=args.videos, images=args.images,
+                             tokenizer=args.tokenizer, tokenizer_kind=args.tokenizer_kind,
+                             probe_data=args.probe_data, davis=args.davis, resolution=args.resolution,
+                             n_codes=args.n_codes, frames=args.frames, stride=args.stride, steps=args.steps,
+                             probe_epochs=args.probe_epochs, overrides=args.overrides, fresh=args.fresh,
+                             progress=not args.no_progress)
+    report = Quickstart(opts).run()
+    print(f"done. open {report}")
+    return 0

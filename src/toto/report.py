@@ -1,0 +1,165 @@
+"""Plots and a Markdown report of a pipeline run (what `toto quickstart` writes).
+
+Reads each stage's own JSON outputs; a stage that did not run is reported as missing rather
+than failing the report.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .ioutil import atomic_write_bytes, read_jsonl
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_loss(run_dir: Path, path: Path, uniform: float | None = None) -> bool:
+    """Train and validation loss against tokens seen, with ln(vocab) for reference."""
+    recs = read_jsonl(run_dir / "metrics.jsonl")
+    train = [(r["tokens"], r["loss"]) for r in recs if "loss" in r]
+    if not train:
+        return False
+    tokens_at = {r["step"]: r["tokens"] for r in recs if "tokens" in r}
+    val = [(tokens_at.get(r["step"]), r["val_loss"]) for r in recs if "val_loss" in r]
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(*zip(*train), label="train", lw=1)
+    val = [(t, v) for t, v in val if t is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation", ms=3)
+    if uniform:
+        ax.axhline(uniform, color="gray", ls="--", lw=1, label="uniform (ln V)")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("next-token NLL (nats)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def reconstruction_grid(tokenizer, frames: np.ndarray, path: Path) -> float:
+    """Originals (top) over their reconstructions (bottom) as one PNG; returns PSNR in dB."""
+    from PIL import Image
+
+    recon = tokenizer.decode(tokenizer.encode(frames))
+    mse = float(np.mean((frames.astype(np.float64) - recon.astype(np.float64)) ** 2))
+    grid = np.concatenate([np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)], 0)
+    Image.fromarray(grid).save(path)
+    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _rel(path: Path, root: Path) -> str:
+    return str(Path(path).resolve().relative_to(root.resolve())) if Path(path).is_absolute() else str(path)
+
+
+def write_report(qs) -> Path:
+    """Markdown report with PNG plots for a ``toto.quickstart.Quickstart`` run."""
+    root, p = qs.o.out, qs.paths
+    fig_dir = root / "figures"
+    fig_dir.mkdir(exist_ok=True)
+    lines = ["# toto run report", "",
+             f"Preset `{qs.o.preset}`, frames {qs.o.resolution}x{qs.o.resolution}, {qs.o.frames} frames "
+             f"(stride {qs.o.stride}) or images per sequence.", ""]
+
+    shards = _load(p["shards"] / "summary.json")
+    index = _load(p["shards"] / "index.json")
+    if shards and index:
+        lines += ["## Data", "",
+                  f"{index['n_sequences']} sequences of {index['seq_len']} tokens "
+                  f"({index['n_tokens']:,} tokens; grid {index['grid'][0]}x{index['grid'][1]} per frame, "
+                  f"vocabulary {index['vocab']['vocab_size']} = {index['vocab']['n_codes']} codes + "
+                  f"{index['vocab']['n_special']} specials).", "",
+                  "```", json.dumps({k: v for k, v in shards.items() if not isinstance(v, (dict, list))},
+                                    indent=1)[:1500], "```", ""]
+
+    if qs.tok_file.is_file():
+        from .data.video import read_video
+        from .tokenizers.base import get_tokenizer
+
+        tok = get_tokenizer(qs.tok_file)
+        clips = sorted((p["media"] / "heldout").glob("*.mp4")) or []
+        if clips:
+            frames = read_video(clips[0], stride=qs.o.stride, resolution=tok.resolution)[:8]
+            psnr = reconstruction_grid(tok, frames, fig_dir / "reconstructions.png")
+            lines += ["## Tokenizer", "", f"`{tok.kind}` tokenizer, {tok.n_codes} codes, {tok.downsample}x"
+                      f"{tok.downsample} px per code. Held-out clip (top) and its reconstruction from "
+                      f"tokens (bottom): PSNR {psnr:.1f} dB.", "",
+                      "![reconstructions](figures/reconstructions.png)", ""]
+
+    summary = _load(p["run"] / "summary.json")
+    if summary:
+        plot_loss(p["run"], fig_dir / "loss.png", summary.get("uniform_loss"))
+        val = summary.get("val_loss")
+        lines += ["## Pre-training", "",
+                  f"{summary['steps']} steps, {summary['tokens']:,} tokens: train loss "
+                  f"{summary['train_loss']:.3f}, validation loss "
+                  f"{'n/a' if val is None else f'{val:.3f}'} nats (uniform over the vocabulary: "
+                  f"{summary['uniform_loss']:.3f}).", "", "![loss](figures/loss.png)", ""]
+
+    probe = _load(p["probe"] / "results.json")
+    if probe and "best" in probe["models"].get("trained", {}):
+        lines += ["## Attentive probing per layer", "",
+                  f"{probe['n_classes']} classes from `{probe['data']}`; top-1 on the validation split.", "",
+                  "| layer | " + " | ".join(f"{m} {pool}" for m in probe["models"] for pool in probe["poolings"]) + " |",
+                  "|---" * (1 + len(probe["models"]) * len(probe["poolings"])) + "|"]
+        for layer in probe["layers"]:
+            cells = [probe["models"][m]["layers"][str(layer)][pool]["top1"] for m in probe["models"]
+                     for pool in probe["poolings"]]
+            lines.append(f"| {layer} | " + " | ".join(f"{100 * c:.1f}%" for c in cells) + " |")
+        b = probe["models"]["trained"]["best"]
+        lines += ["", f"Best layer of the trained model: {b['layer']} ({b['pooling']} pooling, "
+                  f"{100 * b['top1']:.1f}%)."]
+        if "random_init" in probe["models"]:
+            r = probe["models"]["random_init"]["best"]
+            lines.append(f"Random-init baseline, best layer: {r['layer']} ({100 * r['top1']:.1f}%).")
+        lines += ["", f"![probe]({_rel(p['probe'] / 'probe.png', root)})", ""]
+
+    tracks = {name: _load(p[key] / "results.json") for name, key in
+              (("model", "track"), ("pixels", "track_pixels"), ("copy first mask", "track_copy"))}
+    if any(tracks.values()):
+        lines += ["## Label-propagation tracking (J&F)", "", "| features | J&F | J | F |", "|---|---|---|---|"]
+        for name, res in tracks.items():
+            if res and res.get("overall"):
+                o = res["overall"]
+                lines.append(f"| {name} | {o['J&F-Mean']:.3f} | {o['J-Mean']:.3f} | {o['F-Mean']:.3f} |")
+        gifs = sorted(p["track"].glob("overlay_*.gif"))
+        if gifs:
+            lines += ["", f"![tracking overlay]({_rel(gifs[0], root)})"]
+        lines.append("")
+
+    fc = _load(p["forecast"] / "forecast.json")
+    if fc:
+        lines += ["## Forecasting", "",
+                  f"{fc['settings']['context_frames']} context frames, {fc['settings']['frames']} forecast "
+                  f"frames, sampled token by token with the KV cache "
+                  f"({fc['generation']['tokens_per_s']:.0f} tokens/s on {fc['generation']['device']}).", ""]
+        for item in fc["items"]:
+            m = item["mean"]
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, (int, float)))
+            lines += [f"**{item['name']}** ({item['source']}): {scores}", "",
+                      f"![forecast]({_rel(p['forecast'] / item['files']['strip'], root)})", ""]
+
+    if qs.timings:
+        lines += ["## Time per stage (this invocation)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.0f} |" for k, v in qs.timings.items()]
+        lines.append("")
+    out = root / "report.md"
+    atomic_write_bytes(out, "\n".join(lines).encode())
+    return out
