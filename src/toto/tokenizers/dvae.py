@@ -226,14 +226,6 @@ class DVAETokenizer(Tokenizer):
 
     # -- the Tokenizer interface -------------------------------------------------------------
     @torch.inference_mode()
-    def encode_logits(self, frames: np.ndarray) -> torch.Tensor:
-        """``frames: (N, H, W, 3) uint8`` -> ``logits: (N, vocab, h, w)`` float32 on the CPU."""
-        frames = self.check_frames(frames)
-        out = [self.encoder(frames_to_input(torch.from_numpy(frames[i:i + self.batch_size]).to(self.device))).float().cpu()
-               for i in range(0, len(frames), self.batch_size)]
-        return torch.cat(out) if out else torch.empty(0, self.n_codes, *self._grid_of(frames))
-
-    @torch.inference_mode()
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """``frames: (N, H, W, 3) uint8`` -> ``codes: (N, H/d, W/d) int64``."""
         frames = self.check_frames(frames)
