@@ -230,12 +230,14 @@ def plot_accuracy(report: dict, path) -> None:
         if model_name == "trained":
             b = res["best"]
             ax.annotate(f"best: layer {b['layer']}", (b["layer"], 100 * b["top1"]),
-                        textcoords="offset points", xytext=(0, 8), ha="center")
+                        textcoords="offset points", xytext=(0, -16), ha="center", fontsize=8)
+            ax.set_xticks(layers)
     n_classes = report.get("n_classes")
     if n_classes:
         ax.axhline(100 / n_classes, color="gray", lw=0.8, ls=":", label="chance")
     ax.set_xlabel("layer (0 = token embeddings)")
     ax.set_ylabel("val top-1 (%)")
+    ax.set_ylim(0, 100)
     ax.set_title(report.get("title", "probe accuracy by layer"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
