@@ -38,6 +38,7 @@ class QuickstartOptions:
     moving_digits: int = 240
     steps: int | None = None
     probe_epochs: int = 20
+    probe_max_per_class: int | None = None
     overrides: list[str] = field(default_factory=list)
     fresh: bool = False
     progress: bool = True
@@ -146,7 +147,8 @@ class Quickstart:
     def stage_probe(self) -> None:
         self._cli("probe", "--checkpoint", self.paths["run"], "--tokenizer", self.tok_file,
                   "--data", self._probe_data(), "--out", self.paths["probe"], "--random-init",
-                  "--epochs", self.o.probe_epochs)
+                  "--epochs", self.o.probe_epochs,
+                  *(["--max-per-class", self.o.probe_max_per_class] if self.o.probe_max_per_class else []))
 
     def stage_track(self) -> None:
         davis = Path(self.o.davis) if self.o.davis else self.paths["davis"]
@@ -154,7 +156,9 @@ class Quickstart:
             from .eval.synthetic import make_synthetic_davis
 
             make_synthetic_davis(davis, n_sequences=3, n_frames=12, size=(96, 160), seed=0)
-        common = ["--data", davis, "--resolution", self.o.resolution]
+        # patch/dVAE codes are fixed-size pixel patches, so frames can be tokenized at a finer
+        # grid than pre-training used (RoPE extends); at 64 px an 8x8 grid is too coarse to track
+        common = ["--data", davis, "--resolution", max(128, self.o.resolution)]
         self._cli("track", *common, "--out", self.paths["track_copy"], "--features", "copy-first")
         self._cli("track", *common, "--out", self.paths["track_pixels"], "--features", "pixels")
         self._cli("track", *common, "--out", self.paths["track"], "--features", "model",

@@ -28,6 +28,9 @@ def add_arguments(p):
     p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
     p.add_argument("--steps", type=int, help="pre-training steps (default: 300 for tiny, the preset's otherwise)")
     p.add_argument("--probe-epochs", type=int, default=20)
+    p.add_argument("--probe-max-per-class", type=int, help="cap on probe images per class and split")
+    p.add_argument("--moving-digits", type=int, default=240, help="moving-digit clips made for the tiny "
+                   "preset (default 240)")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="training config overrides")
@@ -40,7 +43,8 @@ def run(args) -> int:
                              tokenizer=args.tokenizer, tokenizer_kind=args.tokenizer_kind,
                              probe_data=args.probe_data, davis=args.davis, resolution=args.resolution,
                              n_codes=args.n_codes, frames=args.frames, stride=args.stride, steps=args.steps,
-                             probe_epochs=args.probe_epochs, overrides=args.overrides, fresh=args.fresh,
+                             probe_epochs=args.probe_epochs, probe_max_per_class=args.probe_max_per_class,
+                             moving_digits=args.moving_digits, overrides=args.overrides, fresh=args.fresh,
                              progress=not args.no_progress)
     report = Quickstart(opts).run()
     print(f"done. open {report}")
