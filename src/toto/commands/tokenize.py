@@ -30,13 +30,12 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    import torch
-
     from ..data.build import SUMMARY, BuildOptions, build_shards, format_summary
+    from ..device import resolve_device
     from ..tokenizers.base import get_tokenizer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = str(resolve_device(args.device or "auto"))
     tok = get_tokenizer(args.tokenizer, device=device)
     opts = BuildOptions(frames=args.frames, stride=args.stride, short=args.short, workers=args.workers,
                         shard_size=args.shard_size, batch_frames=args.batch_frames, resume=args.resume,

@@ -40,15 +40,8 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def build_features(args):
+    from ..device import resolve_device
     from ..errors import ConfigError
     from ..eval.tracking import ModelFeatures, PixelFeatures
 
@@ -62,7 +55,7 @@ def build_features(args):
     from ..tokenizers.base import get_tokenizer
     from ..train.checkpoint import load_model
 
-    device = _device(args.device)
+    device = resolve_device(args.device)
     tokenizer = get_tokenizer(args.tokenizer, device=str(device))
     model, _, state = load_model(args.checkpoint, device)
     return ModelFeatures(model, tokenizer, layer=args.layer, context=args.context,

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..data.video import read_video
+from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..ioutil import atomic_write_json
 from ..vocab import VocabLayout
@@ -303,16 +304,6 @@ def frame_scores(forecast: np.ndarray, real: np.ndarray | None, recon: np.ndarra
     return rows
 
 
-def _resolve_device(name: str) -> torch.device:
-    # local on purpose: the trainer's device helper is being reworked for torchrun
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: no CUDA device is available")
-    return dev
-
-
 DEFAULT_STRIDE = 4  # SPEC: one frame in 4
 
 
@@ -339,7 +330,7 @@ def load_for_forecast(checkpoint: str | Path, tokenizer_path: str | Path, s: For
     from ..tokenizers.base import get_tokenizer
     from ..train.checkpoint import load_model
 
-    device = _resolve_device(s.device)
+    device = resolve_device(s.device)
     model, cfg, state = load_model(checkpoint, device)
     tok = get_tokenizer(tokenizer_path, device=str(device))
     where = state["path"]

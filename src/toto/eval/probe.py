@@ -280,7 +280,7 @@ class ProbeJob:
         from ..model.llama import Toto
         from ..tokenizers.base import get_tokenizer
         from ..train.checkpoint import load_model, resolve_checkpoint
-        from ..tokenizers.dvae import resolve_device
+        from ..device import resolve_device
         from .features import (FeatureExtractor, SequenceSpec, check_compatible, file_identity,
                                scan_dataset)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..device import resolve_device
 from ..errors import ConfigError
 
 
@@ -34,26 +35,15 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
     """Join the process group torchrun describes in the environment (no-op when run alone)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return DistInfo(), _device(device_pref, 0)
+        return DistInfo(), resolve_device(device_pref)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(device_pref, local)
+    device = resolve_device(device_pref, local)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
     return DistInfo(rank, world, local), device
-
-
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={name} but no CUDA device is available")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device(f"cuda:{local_rank}")
-    return dev
 
 
 def wrap_model(model: torch.nn.Module, mode: str, info: DistInfo, device: torch.device) -> torch.nn.Module:
