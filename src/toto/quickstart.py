@@ -145,10 +145,11 @@ class Quickstart:
         return Path(self.o.probe_data) if self.o.probe_data else self.paths["media"] / "digits"
 
     def stage_probe(self) -> None:
+        cap = self.o.probe_max_per_class or (60 if self.o.preset == "tiny" else None)
         self._cli("probe", "--checkpoint", self.paths["run"], "--tokenizer", self.tok_file,
                   "--data", self._probe_data(), "--out", self.paths["probe"], "--random-init",
                   "--epochs", self.o.probe_epochs,
-                  *(["--max-per-class", self.o.probe_max_per_class] if self.o.probe_max_per_class else []))
+                  *(["--max-per-class", cap] if cap else []))
 
     def stage_track(self) -> None:
         davis = Path(self.o.davis) if self.o.davis else self.paths["davis"]
