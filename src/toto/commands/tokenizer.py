@@ -41,7 +41,7 @@ def add_arguments(p):
     d.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
     d.add_argument("--batch", type=int, dest="batch_size", help="frames per step (default 16)")
     d.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    d.add_argument("--kl-weight", type=float, help="final KL weight (default 1.0)")
+    d.add_argument("--kl-weight", type=float, help="final KL weight (default 6.6, as DALL-E)")
     d.add_argument("--device", help="auto (default), cpu or cuda")
     d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     pt = t.add_argument_group("patch options")

