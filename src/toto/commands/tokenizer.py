@@ -78,7 +78,7 @@ def _train(args) -> int:
     from ..errors import ConfigError
 
     if args.kind == "dvae":  # validate options before the (slow) decoding
-        from ..tokenizers.dvae import resolve_device
+        from ..device import resolve_device
         from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
 
         opts = {k: getattr(args, k) for k in ("n_hid", "n_blk_per_group", "group_count", "steps", "batch_size",

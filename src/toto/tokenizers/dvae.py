@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from .base import CONFIG_KEY, KIND_KEY, Tokenizer, register
 
@@ -189,16 +190,6 @@ def decoder_mean(stats: torch.Tensor, channels: int = 3) -> torch.Tensor:
 def frames_to_input(frames: torch.Tensor) -> torch.Tensor:
     """``frames: (N, H, W, 3) uint8`` -> ``(N, 3, H, W)`` float32 mapped pixels."""
     return map_pixels(frames.permute(0, 3, 1, 2).float() / 255.0)
-
-
-def resolve_device(name: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when there is one (the trainer's device helper is private to it)."""
-    if str(name) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} requested but no CUDA device is available")
-    return dev
 
 
 @register
