@@ -34,7 +34,7 @@ CASES = {
 def main(argv=None) -> int:
     p = common.base_parser(__doc__.split("\n\n")[0])
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
-    p.add_argument("--rounds", type=int, default=None, help="timed steps per contender (default 5; 3 with --quick)")
+    p.add_argument("--rounds", type=int, default=None, help="timed steps per contender (default 7; 3 with --quick)")
     p.add_argument("--compile", default="tiny",
                    help="cases that also get an 'ours + torch.compile' row ('none' for no compile rows)")
     p.add_argument("--checkpointing", default="base-width,base",
@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     unknown = [n for n in names if n not in cases]
     if unknown:
         p.error(f"unknown case(s) {unknown} for {device.type}; known: {list(cases)}")
-    rounds = args.rounds or (3 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 7)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     peak = common.matmul_peak(device, peak_dtype)
@@ -84,6 +84,7 @@ def main(argv=None) -> int:
         print(f"\n{name}: {ours.num_params() / 1e6:.1f}M params, batch {batch} x {seq} tokens, {dtype}, "
               f"{rounds} interleaved rounds of {list(steps)}", flush=True)
         timing = common.interleaved(steps, rounds, device)
+        peak = max(peak, common.matmul_peak(device, peak_dtype))  # re-measured after each case
         tokens = batch * seq
         flops = common.train_flops_per_token(cfg, seq) * tokens
         for impl, t in timing.items():
@@ -92,44 +93,46 @@ def main(argv=None) -> int:
                 spec = dict(impl="hf" if impl == "hf" else "ours", device=str(device), model=dict(seq_len=seq, **dims),
                             batch=batch, dtype=dtype, threads=torch.get_num_threads(), **variants.get(impl, {}))
                 mem = common.peak_memory(spec)
-            tps = tokens / t["median_s"]
-            mfu = flops / t["median_s"] / peak
-            speedup = common.paired_speedup(timing, impl)
-            vs_eager = common.paired_speedup(timing, impl, ref="ours")
+            tps = tokens / t["min_s"]
+            mfu = flops / t["min_s"] / peak
+            speedup = common.best_speedup(timing, impl)
+            vs_eager = common.best_speedup(timing, impl, ref="ours")
             rec = dict(case=name, impl=impl, params=ours.num_params(), batch=batch, seq_len=seq, dtype=dtype,
-                       tokens_per_s=tps, step_s=t["median_s"], step_times_s=t["times_s"], speedup_vs_hf=speedup,
+                       tokens_per_s=tps, step_s=t["min_s"], median_step_s=t["median_s"], step_times_s=t["times_s"],
+                       speedup_vs_hf=speedup, paired_median_speedup_vs_hf=common.paired_speedup(timing, impl),
                        flops_per_step=flops, mfu=mfu, matmul_peak_flops=peak, memory=mem,
                        speedup_vs_ours_eager=vs_eager, compile_s=compile_s if impl == "ours+compile" else None)
             records.append(rec)
             peak_b = (mem or {}).get("peak_bytes")
-            rows.append([name, impl, f"{tps:,.0f}", f"{t['median_s'] * 1e3:,.0f}", f"{speedup:.2f}x",
+            rows.append([name, impl, f"{tps:,.0f}", f"{t['min_s'] * 1e3:,.0f}", f"{speedup:.2f}x",
+                         f"{common.paired_speedup(timing, impl):.2f}x",
                          f"{100 * mfu:.1f}%", common.fmt_bytes(peak_b)])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
         del ours, hf, steps
 
-    # the MFU denominator: the better of two matmul timings (start and end), since other
-    # processes on a shared machine can depress either
-    peak = max(peak, common.matmul_peak(device, peak_dtype))
+    # the MFU denominator: the best matmul timing of the run (start and after each case), since
+    # other processes on a shared machine can depress any one of them
     for rec, row in zip(records, rows):
         rec["mfu"] = rec["flops_per_step"] / rec["step_s"] / peak
         rec["matmul_peak_flops"] = peak
-        row[5] = f"{100 * rec['mfu']:.1f}%"
+        row[6] = f"{100 * rec['mfu']:.1f}%"
         if args.nominal_peak_tflops:
             rec["mfu_nominal"] = rec["flops_per_step"] / rec["step_s"] / (args.nominal_peak_tflops * 1e12)
-            row.insert(6, f"{100 * rec['mfu_nominal']:.1f}%")
+            row.insert(7, f"{100 * rec['mfu_nominal']:.1f}%")
     mem_note = ("peak RSS above the post-import RSS of a fresh process doing 2 steps" if device.type == "cpu"
                 else "torch.cuda.max_memory_allocated of a fresh process doing 2 steps")
     table = {
         "title": f"Training step (forward + backward + AdamW), {device.type}, {dtype}",
-        "columns": ["case", "model", "tokens/s", "ms/step", "speed vs HF", "MFU"] +
+        "columns": ["case", "model", "tokens/s", "ms/step", "speed vs HF (best)", "(paired median)", "MFU"] +
                    ([f"MFU vs {args.nominal_peak_tflops:g} TFLOP/s"] if args.nominal_peak_tflops else []) +
                    ["peak memory"],
         "rows": rows,
         "notes": [f"MFU = (6N + 12*L*d*T) FLOPs per token x tokens/s / measured {peak_dtype} matmul peak "
                   f"({peak / 1e9:,.1f} GFLOP/s, {2048 if device.type == 'cpu' else 8192}^2 matmul, same run); "
                   f"N = block matmul weights + output head. Memory: {mem_note}. "
-                  f"tokens/s: median of {rounds} interleaved steps; speed vs HF: median of the per-round "
-                  f"ratios of HF's step time to this row's." +
+                  f"tokens/s and ms/step: best of {rounds} interleaved steps (the least disturbed by other "
+                  f"processes); speed vs HF (best): HF's best step time / this row's; (paired median): median "
+                  f"over rounds of HF's time / this row's in the same round." +
                   "".join(f" {r['case']} {r['impl']}: {r['speedup_vs_ours_eager']:.2f}x the speed of eager ours"
                           + (f", first step (compilation) {r['compile_s']:.0f} s" if r["compile_s"] else "") + "."
                           for r in records if r["impl"].startswith("ours+"))],

@@ -21,7 +21,7 @@ def tiny(seed=0, **kw) -> Toto:
 
 def loss_and_grads(model, tokens, targets, forward=None):
     model.zero_grad(set_to_none=True)
-    _, loss = (forward or model)(tokens, targets)
+    _, loss = (model if forward is None else forward)(tokens, targets)
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -107,7 +107,7 @@ def test_torch_compile_on_cpu_matches_eager():
     try:
         compiled = torch.compile(model)
         loss1, grads1 = loss_and_grads(model, tokens, targets, forward=compiled)
-    except Exception as e:  # no C++ toolchain: this is what train.compile's fallback is for
+    except torch._dynamo.exc.BackendCompilerFailed as e:  # e.g. no C++ toolchain for inductor
         pytest.skip(f"torch.compile unavailable here: {type(e).__name__}: {e}")
     torch.testing.assert_close(loss1, loss0, atol=1e-5, rtol=1e-5)
     for name in grads0:
