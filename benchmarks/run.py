@@ -1,6 +1,6 @@
 """Run every ``benchmarks/bench_*.py`` and gather their results into one Markdown table file.
 
-    python -m benchmarks.run                  # all scripts, their defaults (CPU: ~5 min on 2 cores)
+    python -m benchmarks.run                  # all scripts, their defaults (CPU: ~3 min on 2 quiet cores)
     python -m benchmarks.run --quick          # passes --quick to scripts that accept it
     python -m benchmarks.run --only bench_model -- --device cuda   # args after -- go to the
                                                                    # scripts that take them
