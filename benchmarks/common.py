@@ -117,8 +117,13 @@ def build_pair(cfg, device, seed: int = 0, check: bool = True):
     hf = hf_from_ours(ours)
     if check:
         tokens = torch.randint(0, cfg.vocab_size, (1, min(32, cfg.max_seq_len)), device=device)
-        with torch.no_grad():
-            diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False  # compare in true fp32, as the export test does
+        try:
+            with torch.no_grad():
+                diff = (ours(tokens) - hf(tokens).logits).abs().max().item()
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
         if diff > 1e-3:
             raise RuntimeError(f"our logits and HF's differ by {diff:.2e}; the comparison would be unfair")
     return ours, hf
