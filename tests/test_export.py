@@ -37,7 +37,8 @@ def make_model(tie: bool, seed: int = 0) -> Toto:
 
 
 def hf_logits(path, tokens):
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(path)).eval()  # config says float32
+    assert next(hf.parameters()).dtype == torch.float32
     with torch.no_grad():
         return hf(tokens).logits
 
