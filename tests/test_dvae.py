@@ -19,14 +19,6 @@ from toto.tokenizers.dvae import (Decoder, DVAEConfig, DVAETokenizer, Encoder, d
 
 dall_e = pytest.importorskip("dall_e", reason="reference package: pip install --no-deps dall-e==0.1 attrs")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions: a second thread only adds synchronisation (ruinous on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def photo_frames(size: int, n: int, seed: int = 0) -> np.ndarray:
     """``(n, size, size, 3) uint8``: random square crops of scikit-image's colour photos, resized."""

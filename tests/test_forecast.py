@@ -17,15 +17,6 @@ from toto.eval.forecast import psnr, ssim
 RES, N_CODES = 32, 32  # 4x4 codes of 8x8 pixels per frame
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread avoids OpenMP stalls on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # -- metrics ------------------------------------------------------------------------------------
 
 def test_psnr_hand_computed():

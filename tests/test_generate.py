@@ -17,15 +17,6 @@ from toto.vocab import VocabLayout
 LAYOUT = VocabLayout(n_codes=28)  # vocab 32
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: one thread avoids OpenMP stalls on a shared, oversubscribed CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_model(seed: int = 0, max_seq_len: int = 48) -> Toto:
     torch.manual_seed(seed)
     cfg = ModelConfig(n_layers=2, n_heads=2, dim=32, ffn_dim=64, vocab_size=LAYOUT.vocab_size,

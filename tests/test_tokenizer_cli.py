@@ -11,15 +11,6 @@ from toto.cli import main
 from toto.tokenizers.base import get_tokenizer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small convolutions: a second thread only adds synchronisation (ruinous on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def photos_dir():
     """scikit-image's bundled photos (a folder of real png/jpg images; we pick two)."""

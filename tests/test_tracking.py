@@ -17,15 +17,6 @@ from toto.eval import tracking as tr
 from toto.eval.synthetic import make_synthetic_davis
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the propagation's small matmuls run far faster on one thread of a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     return make_synthetic_davis(tmp_path_factory.mktemp("davis"), n_sequences=2, n_frames=10,

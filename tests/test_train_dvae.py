@@ -33,15 +33,6 @@ def photo_frames(size: int, n: int, seed: int = 0) -> np.ndarray:
     return np.stack(out)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These nets are tiny: a second thread only adds synchronisation (ruinous on a busy CPU)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(**kw) -> DVAETrainConfig:
     base = dict(vocab_size=32, n_hid=8, n_blk_per_group=1, group_count=3, n_init=16, resolution=16,
                 steps=30, batch_size=8, lr=3e-3, log_every=5, ckpt_every=10, device="cpu", n_samples=4)
