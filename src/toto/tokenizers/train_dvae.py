@@ -41,6 +41,7 @@ from tqdm import tqdm
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from ..train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from .dvae import LOGIT_LAPLACE_EPS, Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
 
 
@@ -195,23 +196,6 @@ def _split(n: int, cfg: DVAETrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def _adam_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Adam state as ``"<param id>.<name>"`` tensors + JSON param groups (the pre-training
-    checkpoint keys its optimizer state by parameter name for FSDP, which a plain Adam lacks)."""
-    sd = opt.state_dict()
-    tensors = {f"{pid}.{k}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().contiguous().cpu()
-               for pid, st in sd["state"].items() for k, v in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _adam_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
 def _save_ckpt(paths, step, enc, dec, opt, gens, cfg, fp) -> None:
     from safetensors.torch import save_file
 
@@ -220,7 +204,7 @@ def _save_ckpt(paths, step, enc, dec, opt, gens, cfg, fp) -> None:
     weights = {f"encoder.{k}": v.detach().contiguous().cpu() for k, v in enc.state_dict().items()}
     weights.update({f"decoder.{k}": v.detach().contiguous().cpu() for k, v in dec.state_dict().items()})
     save_file(weights, str(tmp / "model.safetensors"))
-    tensors, meta = _adam_to_tensors(opt)
+    tensors, meta = optimizer_to_tensors(opt.state_dict())
     tensors["rng"], tensors["rng_noise"] = gens[0].get_state(), gens[1].get_state()
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     atomic_write_json(tmp / "state.json", {"step": step, "config": asdict(cfg), "frames": fp, "optimizer": meta})
@@ -248,7 +232,7 @@ def _load_ckpt(paths, enc, dec, opt, gens, cfg, fp) -> int:
     load_state(dec, {k[8:]: v for k, v in weights.items() if k.startswith("decoder.")}, f"{d} (decoder)")
     gens[0].set_state(tensors.pop("rng"))
     gens[1].set_state(tensors.pop("rng_noise"))
-    opt.load_state_dict(_adam_from_tensors(tensors, state["optimizer"]))
+    opt.load_state_dict(optimizer_from_tensors(tensors, state["optimizer"]))
     return int(state["step"])
 
 

@@ -50,6 +50,8 @@ def _model_tensors(msd: dict, tied: bool) -> dict[str, torch.Tensor]:
 
 
 def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimizer state dict (keyed by parameter name, or by index for a plain
+    ``opt.state_dict()``) -> safetensors-ready ``"<key>::<field>"`` tensors + JSON groups."""
     tensors = {}
     for name, st in osd["state"].items():
         for k, v in st.items():
@@ -59,10 +61,10 @@ def optimizer_to_tensors(osd: dict) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[str, dict] = {}
+    state: dict[str | int, dict] = {}
     for key, t in tensors.items():
         name, k = key.rsplit("::", 1)
-        state.setdefault(name, {})[k] = t
+        state.setdefault(int(name) if name.isdigit() else name, {})[k] = t
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
