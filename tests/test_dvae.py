@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import photo_frames
 from toto.cli import main
 from toto.errors import DataError
 from toto.tokenizers.base import get_tokenizer
@@ -18,22 +19,6 @@ from toto.tokenizers.dvae import (Decoder, DVAEConfig, DVAETokenizer, Encoder, d
                                   unmap_pixels)
 
 dall_e = pytest.importorskip("dall_e", reason="reference package: pip install --no-deps dall-e==0.1 attrs")
-
-
-def photo_frames(size: int, n: int, seed: int = 0) -> np.ndarray:
-    """``(n, size, size, 3) uint8``: random square crops of scikit-image's colour photos, resized."""
-    import skimage.data as d
-    from PIL import Image
-
-    photos = [d.astronaut(), d.coffee(), d.chelsea(), d.rocket(), d.immunohistochemistry(), d.hubble_deep_field()]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        s = int(rng.integers(min(img.shape[:2]) // 3, min(img.shape[:2]) + 1))
-        y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
-        out.append(np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)))
-    return np.stack(out)
 
 
 def reference_pair(seed: int = 0, n_hid: int = 64, vocab: int = 512, n_init: int = 32):

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import conftest
 from toto.errors import CheckpointError, DataError
 from toto.tokenizers.base import get_tokenizer
 from toto.tokenizers.dvae import DVAETokenizer
@@ -18,19 +19,7 @@ from toto.tokenizers.train_dvae import DVAETrainConfig, codebook_usage, psnr_uin
 
 
 def photo_frames(size: int, n: int, seed: int = 0) -> np.ndarray:
-    """``(n, size, size, 3) uint8``: random crops of scikit-image's colour photos, resized."""
-    import skimage.data as d
-    from PIL import Image
-
-    photos = [d.astronaut(), d.coffee(), d.chelsea(), d.rocket()]
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        img = photos[i % len(photos)]
-        s = int(rng.integers(min(img.shape[:2]) // 3, min(img.shape[:2]) + 1))
-        y, x = rng.integers(0, img.shape[0] - s + 1), rng.integers(0, img.shape[1] - s + 1)
-        out.append(np.asarray(Image.fromarray(img[y:y + s, x:x + s]).resize((size, size), Image.BILINEAR)))
-    return np.stack(out)
+    return conftest.photo_frames(size, n, seed, n_photos=4)
 
 
 def tiny(**kw) -> DVAETrainConfig:

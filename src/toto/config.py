@@ -168,16 +168,22 @@ def preset(name: str) -> Config:
     return apply_dict(Config(), PRESETS[name], f"preset {name}")
 
 
-def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
+def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
+    """A YAML file whose top level is a mapping, or a ConfigError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{what} not found: {path}")
     try:
         d = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(d, dict):
-        raise ConfigError(f"{path}: top level must be a mapping with model/data/train sections")
+        raise ConfigError(f"{path}: top level must be a mapping with {expected}")
+    return d
+
+
+def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
+    d = read_yaml_mapping(path, "config file", "model/data/train sections")
     if cfg is None:
         cfg = preset(d["preset"]) if "preset" in d else Config()
     return apply_dict(cfg, d, str(path))

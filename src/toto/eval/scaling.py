@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
-from ..config import Config, ModelConfig, PRESETS, apply_dict, preset, validate
+from ..config import PRESETS, Config, ModelConfig, apply_dict, preset, read_yaml_mapping, validate
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_write_bytes, atomic_write_json, read_jsonl
 
@@ -94,14 +93,7 @@ class RunSpec:
 
 def load_grid(path: str | Path) -> Grid:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"scaling grid not found: {path}")
-    try:
-        d = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: top level must be a mapping with shapes and budgets")
+    d = read_yaml_mapping(path, "scaling grid", "shapes and budgets")
     known = {"preset", "base", "shapes", "budgets", "data"}
     extra = set(d) - known
     if extra:
