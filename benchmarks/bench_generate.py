@@ -60,12 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
     p.add_argument("--rounds", type=int, default=None, help="timed generations per contender (default 5; 2 with --quick)")
     args = p.parse_args(argv)
-    device = common.setup(args)
-    cases = CASES[device.type]
-    names = args.cases.split(",") if args.cases else list(cases)
-    unknown = [n for n in names if n not in cases]
-    if unknown:
-        p.error(f"unknown case(s) {unknown} for {device.type}; known: {list(cases)}")
+    device, cases, names = common.select_cases(p, args, CASES)
     rounds = args.rounds or (2 if args.quick else 5)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 

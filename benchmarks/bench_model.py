@@ -45,12 +45,7 @@ def main(argv=None) -> int:
                         "adds an MFU column against it")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args(argv)
-    device = common.setup(args)
-    cases = CASES[device.type]
-    names = args.cases.split(",") if args.cases else list(cases)
-    unknown = [n for n in names if n not in cases]
-    if unknown:
-        p.error(f"unknown case(s) {unknown} for {device.type}; known: {list(cases)}")
+    device, cases, names = common.select_cases(p, args, CASES)
     rounds = args.rounds or (3 if args.quick else 7)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     peak_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32

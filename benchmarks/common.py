@@ -49,6 +49,17 @@ def setup(args) -> torch.device:
     return dev
 
 
+def select_cases(parser: argparse.ArgumentParser, args, cases_by_device: dict) -> tuple[torch.device, dict, list[str]]:
+    """The device, its cases, and the names ``--cases`` picked (all by default)."""
+    device = setup(args)
+    cases = cases_by_device[device.type]
+    names = args.cases.split(",") if args.cases else list(cases)
+    unknown = [n for n in names if n not in cases]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown} for {device.type}; known: {list(cases)}")
+    return device, cases, names
+
+
 def machine(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "device": str(device),
             "cpu": _cpu_name(), "cpu_threads": torch.get_num_threads()}
