@@ -150,11 +150,19 @@ def write_report(qs) -> Path:
                   f"{fc['settings']['context_frames']} context frames, {fc['settings']['frames']} forecast "
                   f"frames, sampled token by token with the KV cache "
                   f"({fc['generation']['tokens_per_s']:.0f} tokens/s on {fc['generation']['device']}).", ""]
+        cols = [("token accuracy", "token_accuracy", "{:.3f}"), ("copy-last token acc.", "copy_last_token_accuracy", "{:.3f}"),
+                ("PSNR (dB)", "psnr", "{:.1f}"), ("copy-last PSNR", "copy_last_psnr", "{:.1f}"),
+                ("SSIM", "ssim", "{:.3f}"), ("tokenizer PSNR (ceiling)", "tokenizer_psnr", "{:.1f}")]
+        lines += ["Means over forecast frames against the real frames; *copy-last* repeats the last context "
+                  "frame, the baseline a model has to beat.", "",
+                  "| clip | " + " | ".join(c[0] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for item in fc["items"]:
             m = item["mean"]
-            scores = ", ".join(f"{k} {v:.3f}" for k, v in m.items() if isinstance(v, (int, float)))
-            lines += [f"**{item['name']}** ({item['source']}): {scores}", "",
-                      f"![forecast]({_rel(p['forecast'] / item['files']['strip'], root)})", ""]
+            cells = [fmt.format(m[key]) if isinstance(m.get(key), (int, float)) else "-" for _, key, fmt in cols]
+            lines.append(f"| {item['name']} | " + " | ".join(cells) + " |")
+        lines.append("")
+        for item in fc["items"]:
+            lines += [f"![forecast {item['name']}]({_rel(p['forecast'] / item['files']['strip'], root)})", ""]
 
     if qs.timings:
         lines += ["## Time per stage (this invocation)", "", "| stage | seconds |", "|---|---|"]
