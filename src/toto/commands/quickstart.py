@@ -26,9 +26,9 @@ def add_arguments(p):
     p.add_argument("--n-codes", type=int, default=256, help="codebook size of a fitted tokenizer (default 256)")
     p.add_argument("--frames", type=int, default=16, help="frames per sequence (default 16)")
     p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
-    p.add_argument("--steps", type=int, help="pre-training steps (default: 300 for tiny, the preset's otherwise)")
+    p.add_argument("--steps", type=int, help="pre-training steps (default: 800 for tiny, the preset's otherwise)")
     p.add_argument("--probe-epochs", type=int, default=20)
-    p.add_argument("--probe-max-per-class", type=int, help="cap on probe images per class and split (default 60 for tiny, none otherwise)")
+    p.add_argument("--probe-max-per-class", type=int, help="cap on probe images per class and split (default: all)")
     p.add_argument("--moving-digits", type=int, default=240, help="moving-digit clips made for the tiny "
                    "preset (default 240)")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
