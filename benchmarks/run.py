@@ -64,17 +64,19 @@ def run_one(script: str, extra: list[str], quick: bool, out: Path, timeout: floa
     before = result.stat().st_mtime if result.exists() else None
     print(f"== {' '.join(cmd[1:])}", flush=True)
     t = time.perf_counter()
-    try:
-        done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        code, text = done.returncode, done.stdout
-    except subprocess.TimeoutExpired as e:
-        code, text = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    log = out / f"{script}.log"  # written as the script runs, so a killed run keeps its output
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, timeout=timeout, stdout=f,
+                                  stderr=subprocess.STDOUT).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    text = log.read_text(errors="replace")
     secs = time.perf_counter() - t
     print(text, flush=True)
     fresh = result.exists() and result.stat().st_mtime != before
     return {"script": script, "exit": code, "seconds": round(secs, 1),
-            "result": str(result.relative_to(ROOT)) if fresh else None,
+            "result": str(result.relative_to(ROOT) if result.is_relative_to(ROOT) else result) if fresh else None,
             "tail": None if fresh and code == 0 else text.strip().splitlines()[-5:]}
 
 

@@ -1,5 +1,8 @@
 """torchrun with 2 CPU processes (gloo): DDP and FSDP2 match a single process on the same
-global batch, and a checkpoint written by 2 ranks resumes on 1."""
+global batch, and a checkpoint written by 2 ranks resumes on 1. torchrun with 1 process joins a
+group of one and really shards (how a single GPU runs FSDP on NCCL)."""
+
+import json
 
 import os
 import subprocess
@@ -20,9 +23,10 @@ COMMON = ["--preset", "tiny", "--no-progress", "--steps", "6",
           "train.ckpt_interval=3", "train.tensorboard=false", "train.lr=3e-3"]
 
 
-def run(args, nproc=1):
+def run(args, nproc=None):
+    """``nproc=None``: a plain process; a number: under torchrun with that many ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if nproc == 1:
+    if nproc is None:
         cmd = [sys.executable, "-m", "toto.train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -48,9 +52,11 @@ def reference(data, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
-def test_two_ranks_match_one(mode, data, reference, tmp_path):
-    run(["--data", str(data), "--out", str(tmp_path), *COMMON, f"train.parallel={mode}"], nproc=2)
+@pytest.mark.parametrize("mode,nproc", [("ddp", 2), ("fsdp", 2), ("fsdp", 1)])
+def test_ranks_match_one_process(mode, nproc, data, reference, tmp_path):
+    run(["--data", str(data), "--out", str(tmp_path), *COMMON, f"train.parallel={mode}"], nproc=nproc)
+    assert json.loads((tmp_path / "summary.json").read_text())["parallel"] == f"{mode}/gloo x{nproc}"
+    assert json.loads((reference / "summary.json").read_text())["parallel"] == "none"
     ref, got = curve(reference), curve(tmp_path)
     assert len(ref) == len(got) == 6
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)

@@ -168,3 +168,40 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     freq = torch.bincount(ids, minlength=4).float() / len(ids)
     want = torch.tensor([0.01, 0.04, 0.09, 0.16]) / 0.30
     assert (freq - want).abs().max() < 0.015
+
+
+def test_tensor_position_decode_equals_slice_decode():
+    """The fixed-shape step (whole cache, masked) gives the logits of the sliced-cache step."""
+    m, p = tiny_model(), prompts()
+    m.setup_cache(3, 48)
+    m(p, pos=0)
+    want = [m(p[:, i:i + 1], pos=7 + i) for i in range(4)]
+    m.clear_cache()
+    m.setup_cache(3, 48)
+    m(p, pos=0)
+    got = [m(p[:, i:i + 1], pos=torch.tensor([7 + i])) for i in range(4)]
+    for w, g in zip(want, got):
+        assert torch.allclose(w, g, atol=1e-5)
+    with pytest.raises(ValueError, match="tensor pos decodes one token"):
+        m(p[:, :2], pos=torch.tensor([9]))
+    m.clear_cache()
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager():
+    """generate(compile=True): same greedy tokens and logits, same seeded samples; the second
+    call reuses the compiled step and the cache it left."""
+    m, p = tiny_model(), prompts()
+    out, logits = generate(m, p, 12, greedy=True, return_logits=True)
+    out_c, logits_c = generate(m, p, 12, greedy=True, return_logits=True, compile=True)
+    assert torch.equal(out, out_c)
+    assert torch.allclose(logits, logits_c, atol=1e-4)
+    cache = m.layers[0].attn.cache
+    assert cache is not None and cache.k.shape[2] == 48  # full context, kept for the next call
+    step = m._compiled_decode
+    sampled = generate(m, p, 12, seed=5, top_k=8, compile=True)
+    assert m._compiled_decode is step and m.layers[0].attn.cache is cache
+    m.clear_cache()
+    assert torch.equal(sampled, generate(m, p, 12, seed=5, top_k=8))
+    with pytest.raises(ConfigError, match="needs use_cache=True"):
+        generate(m, p, 3, compile=True, use_cache=False)

@@ -1,7 +1,8 @@
 """Autoregressive generation: prefill once, then one forward per new token against the KV cache.
 
 ``generate(model, prompt)`` is the fast path (static cache set up by ``Toto.setup_cache``);
-``generate(..., use_cache=False)`` recomputes the whole prefix at every step. Both share the
+``generate(..., compile=True)`` decodes with a compiled one-token step over fixed shapes (on GPU
+replayed as a CUDA graph, as gpt-fast does); ``generate(..., use_cache=False)`` recomputes the whole prefix at every step. Both share the
 sampling code below, so with the same seed they draw the same random numbers in the same order:
 the uncached path is the reference the tests and the benchmark compare the cache against.
 
@@ -82,16 +83,34 @@ def _check_cache(model, batch: int, length: int) -> bool:
     return True
 
 
+def compiled_decoder(model):
+    """``step(tokens (B, 1), pos (1,)) -> logits (B, 1, V)``, compiled once per model and reused by
+    later calls. CUDA: mode "reduce-overhead" (CUDA graphs: one launch per token instead of
+    one per kernel). Elsewhere the default inductor mode. ``fullgraph`` makes a graph break an
+    error rather than a silent slowdown."""
+    step = getattr(model, "_compiled_decode", None)
+    if step is None:
+        cuda = model.head.weight.device.type == "cuda"
+        step = torch.compile(model, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
+        model._compiled_decode = step
+    return step
+
+
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
              seed: int | None = None, allowed: torch.Tensor | None = None, *, use_cache: bool = True,
-             return_logits: bool = False, progress: bool = False):
+             return_logits: bool = False, progress: bool = False, compile: bool = False):
     """Continue ``prompt: (B, T0) int64`` by ``max_new_tokens`` ids -> ``(B, T0 + N) int64``.
 
     ``allowed: (vocab,) bool`` restricts which ids may be generated (e.g. ``visual_ids_mask``).
     With ``return_logits`` also returns the raw model logits of every step, ``(B, N, V)`` float32.
+    ``compile`` pays a one-off compilation (tens of seconds) for faster decoding afterwards: worth
+    it on GPU for long or repeated generations (``benchmarks/bench_generate.py`` measures it). It
+    leaves a full-context KV cache on the model for the next call; ``model.clear_cache()`` frees it.
     """
+    if compile and not use_cache:
+        raise ConfigError("compile=True compiles the cached decode step; it needs use_cache=True")
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise ConfigError(f"prompt must be (B, T0) with T0 >= 1, got shape {tuple(prompt.shape)}")
     if max_new_tokens < 0:
@@ -123,9 +142,13 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
         return (out, step_logits) if return_logits else out
 
     owns_cache = False
+    decode = compiled_decoder(model) if compile else None
     if use_cache:
         owns_cache = not _check_cache(model, B, total)
-        if owns_cache:
+        if owns_cache and compile:  # a full-context cache that stays, so later calls reuse the compiled step
+            model.setup_cache(B, ctx)
+            owns_cache = False
+        elif owns_cache:
             model.setup_cache(B, total)
     try:
         logits = model(prompt, pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
@@ -138,7 +161,9 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
             out[:, p] = nxt
             if i + 1 == max_new_tokens:
                 break
-            if use_cache:
+            if decode is not None:
+                logits = decode(nxt[:, None], pos=torch.tensor([p], device=device))[:, -1]
+            elif use_cache:
                 logits = model(nxt[:, None], pos=p)[:, -1]
             else:
                 logits = model(out[:, :p + 1])[:, -1]

@@ -73,6 +73,14 @@ class KVCache(nn.Module):
         self.v[:B, :, pos:pos + T] = v
         return self.k[:B, :, :pos + T], self.v[:B, :, :pos + T]
 
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """One token at tensor position ``pos: (1,)``; returns the whole buffers. Shapes never
+        change from step to step, which is what torch.compile and CUDA graphs need."""
+        B = k.shape[0]
+        self.k[:B].index_copy_(2, pos, k)
+        self.v[:B].index_copy_(2, pos, v)
+        return self.k[:B], self.v[:B]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -83,12 +91,17 @@ class Attention(nn.Module):
         self.scale: float | None = None  # None: SDPA's 1/sqrt(head_dim); muP sets 1/head_dim
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: int | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pos: int | torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if pos is None:  # plain causal pass over the whole sequence
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        elif torch.is_tensor(pos):  # static-shape decode of one token: attend over the whole cache, masked
+            k, v = self.cache.write_at(pos, k, v)
+            mask = (torch.arange(k.shape[2], device=x.device) <= pos)[None, :]  # (1, L)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         else:  # incremental pass: attend to everything cached so far plus these T tokens
             k, v = self.cache.update(pos, k, v)
             mask = None
@@ -195,12 +208,18 @@ class Toto(nn.Module):
             raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds the model context "
                              f"max_seq_len={self.cfg.max_seq_len}")
 
-    def _blocks(self, tokens: torch.Tensor, pos: int | None, upto: int):
+    def _blocks(self, tokens: torch.Tensor, pos: int | torch.Tensor | None, upto: int):
         """Yield the residual stream after the embedding (layer 0) and after each block."""
-        start = pos or 0
-        self._check(tokens, start)
-        T = tokens.shape[1]
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        if torch.is_tensor(pos):  # one token at a tensor position (``generate(compile=True)``)
+            if tokens.shape[1] != 1 or pos.shape != (1,):
+                raise ValueError(f"a tensor pos decodes one token: need tokens (B, 1) and pos (1,), got "
+                                 f"{tuple(tokens.shape)} and {tuple(pos.shape)}")
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
+        else:
+            start = pos or 0
+            self._check(tokens, start)
+            T = tokens.shape[1]
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
         x = self.tok_emb(tokens)
         yield x
         for block in self.layers[:upto]:
@@ -211,11 +230,13 @@ class Toto(nn.Module):
             yield x
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                pos: int | None = None):
+                pos: int | torch.Tensor | None = None):
         """Logits ``(B, T, V)``; with ``targets: (B, T)`` also the mean NLL (ignore index -1).
 
         ``pos`` switches to incremental decoding against the KV cache set up by
-        ``setup_cache``: ``tokens`` sit at positions ``pos .. pos + T - 1``.
+        ``setup_cache``: ``tokens`` sit at positions ``pos .. pos + T - 1``. A ``(1,)`` int64
+        tensor ``pos`` decodes one token (``T == 1``) with shapes that do not depend on the
+        position, so the step can be compiled once and replayed as a CUDA graph.
         """
         if pos is not None and self.layers[0].attn.cache is None:
             raise RuntimeError("call setup_cache(batch, max_len) before decoding with pos=")

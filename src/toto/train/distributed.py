@@ -21,20 +21,19 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    enabled: bool = False  # in a process group (torchrun), even of one rank
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
 
 def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
-    """Join the process group torchrun describes in the environment (no-op when run alone)."""
+    """Join the process group torchrun describes in the environment (no-op when run alone).
+    ``torchrun --nproc_per_node 1`` joins a group of one, so DDP/FSDP and the backend run for
+    real on a single GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not {"RANK", "MASTER_ADDR"} <= os.environ.keys():
         return DistInfo(), resolve_device(device_pref)
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_pref, local)
@@ -43,7 +42,7 @@ def init_distributed(device_pref: str) -> tuple[DistInfo, torch.device]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank, world, local), device
+    return DistInfo(rank, world, local, enabled=True), device
 
 
 def wrap_model(model: torch.nn.Module, mode: str, info: DistInfo, device: torch.device) -> torch.nn.Module:

@@ -92,6 +92,7 @@ class RunSummary:
     val_loss: float | None
     uniform_loss: float
     checkpoint: str
+    parallel: str = "none"  # e.g. "fsdp/nccl x1": what actually ran, not just what was asked
 
 
 class Trainer:
@@ -301,7 +302,12 @@ class Trainer:
             bar.close()
             if tb is not None:
                 tb.close()
-        summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt))
+        parallel = "none"
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            parallel = f"{t.parallel}/{dist.get_backend()} x{self.dist.world_size}"
+        summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt), parallel)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary.__dict__)
         return summary
