@@ -119,6 +119,21 @@ def test_cuda_graph_decoding_matches_eager():
     m.clear_cache()
 
 
+def test_cuda_graph_decoding_under_autocast():
+    """What `toto forecast --compile` runs: an fp32 model under bf16 autocast. The first
+    compiled step sees the same cache and token as the eager one: its logits agree to bf16
+    precision (later tokens may part at near-ties)."""
+    m = model(seq=128, init_std=0.2).eval()
+    prompt = torch.randint(4, 300, (2, 16), device=CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_e, log_e = generate(m, prompt, 8, greedy=True, return_logits=True)
+        out_c, log_c = generate(m, prompt, 8, greedy=True, return_logits=True, compile=True)
+    assert torch.equal(out_e[:, :18], out_c[:, :18])
+    scale = log_e[:, 1].abs().max()
+    assert (log_e[:, 1] - log_c[:, 1]).abs().max() < 0.05 * scale
+    m.clear_cache()
+
+
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])
 def test_torchrun_one_gpu_on_nccl_matches_plain_run(mode, data, tmp_path):
     """torchrun with one rank joins an NCCL group of one: FSDP2/DDP and NCCL collectives run for

@@ -144,9 +144,9 @@ def test_cli_shard_input_and_seeded_sampling(setup, tmp_path):
         w.add(layout.sequence(c, "video"))
     w.close()
     runs = []
-    for name in ("a", "b"):
+    for name, extra in (("a", []), ("b", ["--compile"])):  # the compiled decode step samples the same codes
         assert _cli(setup, tmp_path / name, "--data", tmp_path / "shards", "--index", 2, 0,
-                    "--context-frames", 3, "--frames", 2, "--seed", 7, "--top-k", 8) == 0
+                    "--context-frames", 3, "--frames", 2, "--seed", 7, "--top-k", 8, *extra) == 0
         runs.append(load_file(str(tmp_path / name / "codes.safetensors")))
     rep = json.loads((tmp_path / "a" / "forecast.json").read_text())
     assert [it["name"] for it in rep["items"]] == ["seq000002", "seq000000"]

@@ -105,6 +105,7 @@ class ForecastSettings:
     fps: int = 4  # frame rate of the written side-by-side video
     device: str = "auto"
     stride_source: str = "--stride"
+    compile: bool = False  # compiled decode step (CUDA graphs on GPU): ~10x faster decoding there
 
     def validate(self) -> "ForecastSettings":
         from ..model.generate import check_sampling
@@ -363,7 +364,8 @@ def forecast(model, layout: VocabLayout, tokenizer, items: list[ForecastInput], 
     t0 = time.perf_counter()
     with autocast_for(device, "auto"):
         seq = generate(model, prompt, N * hw, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       greedy=s.greedy, seed=s.seed, allowed=visual_ids_mask(layout, device), progress=progress)
+                       greedy=s.greedy, seed=s.seed, allowed=visual_ids_mask(layout, device), progress=progress,
+                       compile=s.compile)
     if device.type == "cuda":
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0
