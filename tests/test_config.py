@@ -58,3 +58,23 @@ def test_shipped_yaml_presets_load():
     for name in ("tiny", "base", "large", "1b"):
         cfg = build_config(None, str(root / f"{name}.yaml"))
         assert cfg == build_config(name), name
+
+
+def test_threads_option_on_every_command(capsys):
+    import torch
+
+    from toto.cli import COMMANDS, build_parser, main
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+    for name, p in sub.choices.items():
+        assert any("--threads" in a.option_strings for a in p._actions), name
+    before = torch.get_num_threads()
+    try:
+        assert main(["params", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    capsys.readouterr()
+    assert main(["params", "--threads", "0"]) == 2
+    assert "--threads must be >= 1, got 0" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import TotoError
+from .errors import ConfigError, TotoError
 
 # subcommand -> module under toto.commands (listed in the order `toto --help` shows them)
 COMMANDS = {
@@ -44,8 +44,21 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet; the README lists what exists
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
+        p.add_argument("--threads", type=int, default=None, metavar="N",
+                       help="torch CPU threads (default: torch's, one per core); on a CPU shared with other "
+                            "jobs 1 is often much faster, since small kernels stall on descheduled threads")
         p.set_defaults(_run=mod.run)
     return parser
+
+
+def set_threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise ConfigError(f"--threads must be >= 1, got {n}")
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 1
     try:
+        set_threads(args.threads)
         code = args._run(args)
     except TotoError as e:
         print(f"toto {args.command}: error: {e}", file=sys.stderr)

@@ -35,7 +35,6 @@ def add_arguments(p):
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU: ~10x faster decoding after a "
                         "one-off compilation of ~10 s; docs/performance.md)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 helps on a busy shared CPU)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -46,12 +45,6 @@ def run(args) -> int:
 
     if args.index is not None and args.data is None:
         raise ConfigError("--index selects sequences of --data DIR; it has no meaning with --video")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
     s = ForecastSettings(context_frames=args.context_frames, frames=args.frames, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
                          stride=args.stride, fps=args.fps, device=args.device,
