@@ -132,7 +132,7 @@ def test_killed_run_resumes_to_the_same_curve(tmp_path):
     assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
 
 
-def test_resolution_finetune_from_checkpoint(tmp_path):
+def test_resolution_finetune_from_checkpoint(tmp_path, capsys):
     """16-token frames -> 64-token frames: weights load unchanged, RoPE base 50k is stored."""
     from safetensors.torch import load_file
 
@@ -143,6 +143,8 @@ def test_resolution_finetune_from_checkpoint(tmp_path):
     assert main(["train", "--preset", "tiny", "--data", str(high), "--out", str(tmp_path / "b"),
                  "--steps", "2", "--no-progress", "--init-from", str(src), *TINY,
                  "model.n_layers=7"]) == 0  # architecture comes from the checkpoint, not the flags
+    start = capsys.readouterr().out.splitlines()[0]  # the start line says what runs
+    assert "2 layers, width 32" in start and start.endswith("cpu, fp32, torch.compile off, data parallel: none")
     saved = json.loads((tmp_path / "b" / "checkpoints" / "step_00000002" / "config.json").read_text())
     assert saved["model"]["rope_base"] == 50000.0 and saved["model"]["max_seq_len"] == 2 + 4 * 16
     assert saved["model"]["n_layers"] == 2

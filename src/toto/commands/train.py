@@ -42,7 +42,9 @@ def run(args) -> int:
             print(f"model: {trainer.model.num_params() / 1e6:.2f}M parameters, {trainer.cfg.model.n_layers} "
                   f"layers, width {trainer.cfg.model.dim}; {trainer.accum} micro-batch(es) of "
                   f"{trainer.cfg.train.micro_batch_size} x {trainer.dist.world_size} rank(s) per step; "
-                  f"{len(trainer.train_idx)} train / {len(trainer.val_idx)} val sequences")
+                  f"{len(trainer.train_idx)} train / {len(trainer.val_idx)} val sequences; {trainer.device}, "
+                  f"{trainer.precision}, torch.compile {'on' if trainer.cfg.train.compile else 'off'}, "
+                  f"data parallel: {trainer.parallel}")
         s = trainer.fit(until=args.until)
     finally:
         shutdown()

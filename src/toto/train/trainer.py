@@ -32,10 +32,13 @@ ARCH_FIELDS = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size", "norm_eps"
                "init_std", "mup_base_dim")
 
 
-def autocast_for(device: torch.device, dtype: str):
+def uses_bf16(device: torch.device, dtype: str) -> bool:
     """bf16 autocast on GPU by default; plain fp32 on CPU unless bf16 is asked for."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+
+
+def autocast_for(device: torch.device, dtype: str):
+    if uses_bf16(device, dtype):
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -157,6 +160,19 @@ class Trainer:
         self.forward = self.wrapped
         if t.compile:
             self.forward = _try_compile(self.wrapped)
+
+    @property
+    def parallel(self) -> str:
+        """What data parallelism actually runs, e.g. "fsdp/nccl x8", or "none"."""
+        if not self.dist.enabled:
+            return "none"
+        import torch.distributed as dist
+
+        return f"{self.cfg.train.parallel}/{dist.get_backend()} x{self.dist.world_size}"
+
+    @property
+    def precision(self) -> str:
+        return "bf16 autocast" if uses_bf16(self.device, self.cfg.train.dtype) else "fp32"
 
     @staticmethod
     def _merge_resume_config(saved: Config, given: Config) -> Config:
@@ -302,12 +318,7 @@ class Trainer:
             bar.close()
             if tb is not None:
                 tb.close()
-        parallel = "none"
-        if self.dist.enabled:
-            import torch.distributed as dist
-
-            parallel = f"{t.parallel}/{dist.get_backend()} x{self.dist.world_size}"
-        summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt), parallel)
+        summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt), self.parallel)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary.__dict__)
         return summary
