@@ -203,5 +203,9 @@ def test_compiled_decode_matches_eager():
     assert m._compiled_decode is step and m.layers[0].attn.cache is cache
     m.clear_cache()
     assert torch.equal(sampled, generate(m, p, 12, seed=5, top_k=8))
+    generate(m, p[:1], 4, greedy=True, compile=True)  # leaves a batch-1 cache...
+    wide = prompts(B=5)
+    assert torch.equal(generate(m, wide, 6, greedy=True, compile=True),  # ...which a wider batch replaces
+                       generate(m, wide, 6, greedy=True, use_cache=False))
     with pytest.raises(ConfigError, match="needs use_cache=True"):
         generate(m, p, 3, compile=True, use_cache=False)

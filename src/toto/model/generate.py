@@ -144,9 +144,13 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
     owns_cache = False
     decode = compiled_decoder(model) if compile else None
     if use_cache:
+        kept = getattr(model, "_kept_cache", None)
+        if kept is not None and kept is model.layers[0].attn.cache and kept.k.shape[0] < B:
+            model.clear_cache()  # the cache an earlier compile=True call left is too small: replace it
         owns_cache = not _check_cache(model, B, total)
         if owns_cache and compile:  # a full-context cache that stays, so later calls reuse the compiled step
             model.setup_cache(B, ctx)
+            model._kept_cache = model.layers[0].attn.cache
             owns_cache = False
         elif owns_cache:
             model.setup_cache(B, total)
