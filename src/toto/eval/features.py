@@ -166,6 +166,30 @@ def to_sequence(codes: np.ndarray, layout: VocabLayout, kind: str) -> np.ndarray
     return layout.sequence(codes, kind)[:-1].astype(np.int64)
 
 
+def iter_codes(samples: list[Sample], indices: list[int], tokenizer, spec: SequenceSpec, batch_size: int,
+               skipped: list, bar=None):
+    """Read and tokenize samples, ``batch_size`` at a time (one tokenizer call per batch).
+
+    Yields ``(codes: (B, F, h, w), labels, indices)``; a file that cannot be read is appended to
+    ``skipped`` as ``{"path", "reason"}`` and left out. ``bar`` (tqdm) advances per sample."""
+    clips, labels, kept = [], [], []
+    res = tokenizer.resolution
+    for i, (s, idx) in enumerate(zip(samples, indices)):
+        try:
+            clips.append(read_frames(s.path, spec, res))  # (F, R, R, 3) uint8
+            labels.append(s.label)
+            kept.append(idx)
+        except DataError as e:
+            skipped.append({"path": str(s.path), "reason": str(e)})
+        if bar is not None:
+            bar.update(1)
+        if clips and (len(clips) == batch_size or i == len(samples) - 1):
+            n_frames = len(clips[0])
+            codes = tokenizer.encode(np.concatenate(clips))  # (B*F, h, w)
+            yield codes.reshape(len(clips), n_frames, *codes.shape[1:]), labels, kept
+            clips, labels, kept = [], [], []
+
+
 def check_compatible(model_cfg, state: dict, tokenizer, spec: SequenceSpec, where: str) -> VocabLayout:
     """Refuse a checkpoint whose vocabulary or context cannot take this tokenizer's sequences."""
     layout = VocabLayout(n_codes=tokenizer.n_codes)
@@ -284,36 +308,18 @@ class FeatureExtractor:
     @torch.no_grad()
     def _chunk(self, samples: list[Sample], indices: list[int], state: dict, bar):
         feats: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
-        labels, kept, clips = [], [], []
-
-        def flush():
-            if not clips:
-                return
-            n_frames = len(clips[0])
-            codes = self.tokenizer.encode(np.concatenate(clips))  # (B*F, h, w), one tokenizer batch
-            seqs = [to_sequence(codes[j * n_frames:(j + 1) * n_frames], self.layout, self.spec.kind)
-                    for j in range(len(clips))]
+        labels, kept = [], []
+        ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+               else torch.autocast("cpu", enabled=False))
+        for codes, batch_labels, batch_kept in iter_codes(samples, indices, self.tokenizer, self.spec,
+                                                          self.batch_size, state["skipped"], bar):
+            seqs = [to_sequence(c, self.layout, self.spec.kind) for c in codes]
             tokens = torch.from_numpy(np.stack(seqs)).to(self.device)  # (B, 1 + T)
-            ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                   else torch.autocast("cpu", enabled=False))
             with ctx:
                 hidden = self.model.hidden_states(tokens, self.layers)
             for l in self.layers:
                 feats[l].append(hidden[l][:, 1:].to(torch.float16).cpu())  # (B, T, D): code positions
-            clips.clear()
-
-        res = self.tokenizer.resolution
-        for s, i in zip(samples, indices):
-            try:
-                clips.append(read_frames(s.path, self.spec, res))  # (F, R, R, 3) uint8
-            except DataError as e:
-                state["skipped"].append({"path": str(s.path), "reason": str(e)})
-                bar.update(1)
-                continue
-            labels.append(s.label)
-            kept.append(i)
-            bar.update(1)
-            if len(clips) == self.batch_size:
-                flush()
-        flush()
+            labels += batch_labels
+            kept += batch_kept
         return feats, labels, kept
+

@@ -128,6 +128,12 @@ def cosine_lr(step: int, total: int, warmup: int, lr: float, min_ratio: float) -
     return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Batches in one pass over ``n`` samples; a trailing batch of one is dropped, since
+    BatchNorm cannot normalise a single sample."""
+    return max(1, n // batch_size if n % batch_size < 2 else n // batch_size + 1)
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` largest logits."""
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
@@ -171,8 +177,7 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
     n = len(train_x)
     bs = min(cfg.batch_size, n)
-    # drop a trailing batch of one: BatchNorm cannot normalise a single sample
-    steps_per_epoch = max(1, n // bs if n % bs < 2 else n // bs + 1)
+    steps_per_epoch = epoch_steps(n, bs)
     total = steps_per_epoch * cfg.epochs
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     step, loss = 0, torch.tensor(float("nan"))

@@ -69,9 +69,12 @@ def optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model_state, config: Config, state: dict,
-                    optimizer_state: dict | None = None, keep: int = 3) -> Path:
+                    optimizer_state: dict | None = None, keep: int = 3,
+                    extra_tensors: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write one checkpoint folder atomically (call on one rank only). ``model_state`` is a
-    full state dict (see ``gather_state``) or, for a single-process model, the module itself."""
+    full state dict (see ``gather_state``) or, for a single-process model, the module itself.
+    ``extra_tensors`` adds ``<name>.safetensors`` files to the same folder (e.g. a fine-tuned
+    probe head), written before the folder is renamed into place."""
     if isinstance(model_state, torch.nn.Module):
         model_state = model_state.state_dict()
     root = Path(run_dir) / CKPT_DIR
@@ -86,6 +89,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state, config: Config,
         tensors, meta = optimizer_to_tensors(optimizer_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         atomic_write_json(tmp / "optimizer.json", meta)
+    for extra, tensors in (extra_tensors or {}).items():
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{extra}.safetensors"))
     atomic_write_json(tmp / "config.json", config.to_dict())
     atomic_write_json(tmp / "state.json", {"step": step, **state})
     atomic_replace_dir(tmp, root / name)
