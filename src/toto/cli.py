@@ -20,6 +20,7 @@ COMMANDS = {
     "detokenize": "detokenize",
     "train": "train",
     "probe": "probe",
+    "finetune": "finetune",
     "track": "track",
     "forecast": "forecast",
     "scaling": "scaling",
