@@ -192,8 +192,10 @@ def test_compiled_decode_matches_eager():
     """generate(compile=True): same greedy tokens and logits, same seeded samples; the second
     call reuses the compiled step and the cache it left."""
     m, p = tiny_model(), prompts()
+    keys = list(m.state_dict())
     out, logits = generate(m, p, 12, greedy=True, return_logits=True)
     out_c, logits_c = generate(m, p, 12, greedy=True, return_logits=True, compile=True)
+    assert list(m.state_dict()) == keys  # the compiled step is not registered inside the model
     assert torch.equal(out, out_c)
     assert torch.allclose(logits, logits_c, atol=1e-4)
     cache = m.layers[0].attn.cache

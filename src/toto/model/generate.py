@@ -92,7 +92,7 @@ def compiled_decoder(model):
     if step is None:
         cuda = model.head.weight.device.type == "cuda"
         step = torch.compile(model, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
-        model._compiled_decode = step
+        object.__setattr__(model, "_compiled_decode", step)  # a plain attribute, not a submodule of itself
     return step
 
 
@@ -150,7 +150,7 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: floa
         owns_cache = not _check_cache(model, B, total)
         if owns_cache and compile:  # a full-context cache that stays, so later calls reuse the compiled step
             model.setup_cache(B, ctx)
-            model._kept_cache = model.layers[0].attn.cache
+            object.__setattr__(model, "_kept_cache", model.layers[0].attn.cache)  # not a submodule
             owns_cache = False
         elif owns_cache:
             model.setup_cache(B, total)
