@@ -204,6 +204,45 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6)
 
 
+def test_token_cache_resumes_after_a_kill_mid_encoding(tmp_path):
+    """A kill during the third tokenizer call leaves two finished chunks; the rerun encodes only
+    the rest, lists the unreadable file once, and gives what one uninterrupted pass gives."""
+    from toto.eval.features import SequenceSpec, scan_dataset
+    from toto.eval.finetune import tokenize_splits
+    from toto.tokenizers.base import get_tokenizer
+    from toto.vocab import VocabLayout
+
+    data, tok_path, _ = _tiny_setup(tmp_path)
+    tok = get_tokenizer(tok_path)
+    layout, spec, ds = VocabLayout(n_codes=tok.n_codes), SequenceSpec("image"), scan_dataset(data)
+    args = (ds, tok, layout, spec, {"tok": 1})
+    clean, _ = tokenize_splits(*args, tmp_path / "clean", batch_size=5, chunk_size=5, progress=False)
+    assert [len(clean[s].labels) for s in ("train", "val")] == [16, 8]  # 17 train files, one broken
+
+    encode, calls = tok.encode, []
+
+    def dying_encode(frames):
+        calls.append(len(frames))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return encode(frames)
+
+    tok.encode = dying_encode
+    with pytest.raises(KeyboardInterrupt):
+        tokenize_splits(*args, tmp_path / "c", batch_size=5, chunk_size=5, progress=False)
+    done = sorted(p.name for p in (tmp_path / "c").glob("*/train_*.safetensors"))
+    assert done == ["train_00000.safetensors", "train_00001.safetensors"]
+    stamps = [p.stat().st_mtime_ns for p in sorted((tmp_path / "c").glob("*/train_*.safetensors"))]
+    tok.encode = encode
+    got, cache = tokenize_splits(*args, tmp_path / "c", batch_size=5, chunk_size=5, progress=False)
+    assert [p.stat().st_mtime_ns for p in sorted(cache.glob("train_0000[01].safetensors"))] == stamps
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(got[split].tokens, clean[split].tokens)
+        np.testing.assert_array_equal(got[split].labels, clean[split].labels)
+    assert [Path(x["path"]).name for x in got["train"].skipped] == ["broken.jpg"] and got["val"].skipped == []
+    assert got["train"].tokens.shape == (16, 6)  # [3] + 2x2 codes + [2]
+
+
 # -- bad input: one clear line, exit code 2 ----------------------------------------------------
 
 def test_errors_are_one_clear_line(tmp_path, capsys):

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from ..vocab import token_dtype
 from .features import LabelledDataset, SequenceSpec, cache_key, file_identity, iter_codes
 from .probe import Probe, ProbeConfig, cosine_lr, epoch_steps, topk_accuracy
 
@@ -91,7 +92,7 @@ class FinetuneConfig:
 
 @dataclass
 class SplitTokens:
-    tokens: np.ndarray  # (N, L) uint16 | uint32: [start] + codes + [end], as in pre-training shards
+    tokens: np.ndarray  # (N, L) uint16: [start] + codes + [end], as in pre-training shards
     labels: np.ndarray  # (N,) int64
     skipped: list[dict]  # {"path", "reason"} of files that could not be read
 
@@ -144,7 +145,7 @@ def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, 
                  for c in range(n_chunks) if state["chunks"][str(c)]["n"]]
         length = 2 + (spec.frames if spec.kind == "video" else 1) * tokenizer.grid[0] * tokenizer.grid[1]
         tokens = (np.concatenate([p["tokens"] for p in parts]) if parts
-                  else np.zeros((0, length), np.uint32))
+                  else np.zeros((0, length), token_dtype(layout.vocab_size)))
         labels = np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64)
         out[split] = SplitTokens(tokens, labels, list(state["skipped"]))
     return out, cache
@@ -376,7 +377,7 @@ class FinetuneJob:
 
         osd = opt.state_dict()
         state = {"epoch": epoch, "vocab": layout.to_dict(), "finetune_run": run_id,
-                 "init_from": {"path": run_id["checkpoint"], "step": src_state.get("step")},
+                 "init_from": run_id["checkpoint"],  # as the trainer records it: the source checkpoint
                  "batch_order": "numpy default_rng([seed, epoch]).permutation(n_train)"}
         for key in ("grid", "frames_per_sequence", "tokenizer"):
             if key in src_state:
@@ -469,7 +470,7 @@ def plot_finetune(report: dict, path) -> None:
     a1.axhline(100 * report["chance"], color="gray", lw=0.8, ls=":", label="chance")
     a1.set_ylim(0, 100)
     a1.set_xlabel("epoch")
-    a1.set_ylabel("top-1 (%)")
+    a1.set_ylabel("accuracy (%)")
     a1.set_title(f"probe on layer {report['layer']} of {report['n_layers']}")
     curves = [("train_ce", "train CE", "tab:blue", "-"), ("val_ce", "val CE", "tab:blue", "--"),
               ("train_ntp", "train NTP", "tab:orange", "-"), ("val_ntp", "val NTP", "tab:orange", "--")]
