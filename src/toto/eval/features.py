@@ -224,6 +224,22 @@ def cache_key(identity: dict) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def open_chunk_cache(cache_root: str | Path, identity: dict, ds: LabelledDataset) -> tuple[Path, dict]:
+    """The cache folder for ``identity`` plus the dataset's, and its manifest: resumed when the
+    identity matches, started afresh otherwise (so a changed input never reuses stale chunks)."""
+    ident = {**identity, "dataset": {"root": str(ds.root.resolve()), "classes": ds.classes,
+                                     **{s: ds.fingerprint(s) for s in ds.splits}}}
+    cache = Path(cache_root) / cache_key(ident)
+    cache.mkdir(parents=True, exist_ok=True)
+    mpath = cache / "manifest.json"
+    manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
+    if not manifest or manifest.get("identity") != ident:
+        manifest = {"identity": ident, "splits": {s: {"chunks": {}, "skipped": []} for s in ds.splits},
+                    "complete": False}
+        atomic_write_json(mpath, manifest)
+    return cache, manifest
+
+
 @dataclass
 class SplitFeatures:
     """One split's cached features; ``layer(i)`` loads ``(N, T, D) float16`` for one layer only."""
@@ -255,18 +271,10 @@ class FeatureExtractor:
 
     def run(self, ds: LabelledDataset, cache_root: str | Path) -> tuple[dict[str, SplitFeatures], dict]:
         """Extract (or reuse) both splits; returns their features and the manifest."""
-        ident = {**self.identity, "version": CACHE_VERSION, "sequence": self.spec.to_dict(),
-                 "layers": self.layers, "chunk_size": self.chunk_size,
-                 "dataset": {"root": str(ds.root.resolve()), "classes": ds.classes,
-                             **{s: ds.fingerprint(s) for s in ds.splits}}}
-        cache = Path(cache_root) / cache_key(ident)
-        cache.mkdir(parents=True, exist_ok=True)
+        cache, manifest = open_chunk_cache(cache_root, {**self.identity, "version": CACHE_VERSION,
+                                                        "sequence": self.spec.to_dict(), "layers": self.layers,
+                                                        "chunk_size": self.chunk_size}, ds)
         mpath = cache / "manifest.json"
-        manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
-        if not manifest or manifest.get("identity") != ident:
-            manifest = {"identity": ident, "splits": {s: {"chunks": {}, "skipped": []} for s in ds.splits},
-                        "complete": False}
-            atomic_write_json(mpath, manifest)
         for split, samples in ds.splits.items():
             self._extract_split(split, samples, cache, manifest)
         manifest["complete"] = True

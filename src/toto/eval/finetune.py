@@ -39,7 +39,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
 from ..vocab import token_dtype
-from .features import LabelledDataset, SequenceSpec, cache_key, file_identity, iter_codes
+from .features import LabelledDataset, SequenceSpec, file_identity, iter_codes, open_chunk_cache
 from .probe import Probe, ProbeConfig, cosine_lr, epoch_steps, topk_accuracy
 
 TOKEN_CACHE_VERSION = 1
@@ -107,17 +107,10 @@ def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, 
     ``<split>_<chunk:05d>.safetensors`` with ``tokens: (n, L)`` and ``labels: (n,) int64``."""
     from safetensors.numpy import load_file, save_file
 
-    ident = {**identity, "version": TOKEN_CACHE_VERSION, "sequence": spec.to_dict(),
-             "vocab": layout.to_dict(), "chunk_size": chunk_size,
-             "dataset": {"root": str(ds.root.resolve()), "classes": ds.classes,
-                         **{s: ds.fingerprint(s) for s in ds.splits}}}
-    cache = Path(cache_root) / cache_key(ident)
-    cache.mkdir(parents=True, exist_ok=True)
+    cache, manifest = open_chunk_cache(cache_root, {**identity, "version": TOKEN_CACHE_VERSION,
+                                                    "sequence": spec.to_dict(), "vocab": layout.to_dict(),
+                                                    "chunk_size": chunk_size}, ds)
     mpath = cache / "manifest.json"
-    manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
-    if not manifest or manifest.get("identity") != ident:
-        manifest = {"identity": ident, "splits": {s: {"chunks": {}, "skipped": []} for s in ds.splits}}
-        atomic_write_json(mpath, manifest)
     out = {}
     for split, samples in ds.splits.items():
         state = manifest["splits"][split]
