@@ -43,22 +43,24 @@ def test_loss_plot(tmp_path):
 def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--moving-digits", "6", "--steps", "4", "--probe-epochs", "2",
-            "--probe-max-per-class", "4", "--no-progress"]
+            "--probe-max-per-class", "4", "--finetune-epochs", "2", "--no-progress"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
-    for section in ("## Data", "## Tokenizer", "## Pre-training", "## Attentive probing", "## Label-propagation",
-                    "## Forecasting"):
+    for section in ("## Data", "## Tokenizer", "## Pre-training", "## Attentive probing", "## Fine-tuning",
+                    "## Label-propagation", "## Forecasting"):
         assert section in report, section
-    for fig in ("figures/loss.png", "figures/reconstructions.png", "probe/probe.png"):
+    for fig in ("figures/loss.png", "figures/reconstructions.png", "probe/probe.png", "finetune/finetune.png"):
         assert (out / fig).is_file(), fig
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["steps"] == 4
     probe = json.loads((out / "probe" / "results.json").read_text())
     assert set(probe["models"]) == {"trained", "random_init"} and probe["n_classes"] == 10
+    ft = json.loads((out / "finetune" / "results.json").read_text())
+    assert ft["layer"] == probe["models"]["trained"]["best"]["layer"] and len(ft["epochs"]) == 2
     track = json.loads((out / "track_pixels" / "results.json").read_text())
     assert 0 <= track["overall"]["J&F-Mean"] <= 1
     capsys.readouterr()
     # a second run reuses every finished stage
     assert main(args) == 0
     log = capsys.readouterr().out
-    assert log.count("(done; reused)") == 7, log
+    assert log.count("(done; reused)") == 8, log

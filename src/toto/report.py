@@ -131,6 +131,18 @@ def write_report(qs) -> Path:
             lines.append(f"Random-init baseline, best layer: {r['layer']} ({100 * r['top1']:.1f}%).")
         lines += ["", f"![probe]({_rel(p['probe'] / 'probe.png', root)})", ""]
 
+    ft = _load(p["finetune"] / "results.json")
+    if ft and ft.get("final") and probe:
+        layer, f = ft["layer"], ft["final"]
+        frozen = probe["models"]["trained"]["layers"][str(layer)].get("attentive", {}).get("top1")
+        lines += ["## Fine-tuning with the probe", "",
+                  f"The whole model and an attentive probe on layer {layer} (the best probed layer) trained "
+                  f"together, loss = probe cross-entropy + {ft['finetune']['ntp_weight']:g} x next-token loss "
+                  f"(`toto finetune`). Val top-1: {100 * ft['first_epoch']['val_top1']:.1f}% after epoch 1, "
+                  f"**{100 * f['val_top1']:.1f}%** after epoch {f['epoch']}"
+                  + (f"; the frozen attentive probe on that layer: {100 * frozen:.1f}%." if frozen is not None else "."),
+                  "", f"![finetune]({_rel(p['finetune'] / 'finetune.png', root)})", ""]
+
     tracks = {name: _load(p[key] / "results.json") for name, key in
               (("model", "track"), ("pixels", "track_pixels"), ("copy first mask", "track_copy"))}
     if any(tracks.values()):

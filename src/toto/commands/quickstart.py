@@ -28,6 +28,8 @@ def add_arguments(p):
     p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
     p.add_argument("--steps", type=int, help="pre-training steps (default: 800 for tiny, the preset's otherwise)")
     p.add_argument("--probe-epochs", type=int, default=20)
+    p.add_argument("--finetune-epochs", type=int, default=5,
+                   help="epochs of `toto finetune` on the best probed layer (default 5; 0 skips it)")
     p.add_argument("--probe-max-per-class", type=int, help="cap on probe images per class and split (default: all)")
     p.add_argument("--moving-digits", type=int, default=240, help="moving-digit clips made for the tiny "
                    "preset (default 240)")
@@ -44,6 +46,7 @@ def run(args) -> int:
                              probe_data=args.probe_data, davis=args.davis, resolution=args.resolution,
                              n_codes=args.n_codes, frames=args.frames, stride=args.stride, steps=args.steps,
                              probe_epochs=args.probe_epochs, probe_max_per_class=args.probe_max_per_class,
+                             finetune_epochs=args.finetune_epochs,
                              moving_digits=args.moving_digits, overrides=args.overrides, fresh=args.fresh,
                              progress=not args.no_progress)
     report = Quickstart(opts).run()
