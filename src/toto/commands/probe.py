@@ -29,9 +29,16 @@ def add_arguments(p):
     p.add_argument("--pooling", default="attentive,average", help="attentive, average or both (default: both)")
     p.add_argument("--random-init", action="store_true",
                    help="also probe a randomly initialised model of the same shape (the run's seed) as a baseline")
-    p.add_argument("--cache", help="feature cache folder (default: OUT/features); reruns reuse it")
+    p.add_argument("--cache", help="feature cache folder (default: OUT/features), with --online the token cache "
+                                   "(default: OUT/tokens); reruns reuse it")
+    p.add_argument("--online", action="store_true",
+                   help="no feature cache: cache token sequences only and train all probes together, one frozen "
+                        "forward per batch (for large data sets; see docs/probe.md)")
+    p.add_argument("--resume", action="store_true", help="with --online: continue the run in --out from its saved state")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=32, help="samples per forward pass when extracting (default 32)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="samples per forward pass when extracting (default 32); with --online, per tokenizer call "
+                        "(the forward batch is --probe-batch-size)")
     p.add_argument("--frames", type=int, default=16, help="frames per video sequence (default 16, as in pre-training)")
     p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
     p.add_argument("--max-per-class", type=int, help="use at most this many samples per class and split")
@@ -68,7 +75,8 @@ def run(args) -> int:
                    layers=_int_list(args.layers) if args.layers else None, poolings=poolings,
                    random_init=args.random_init, cache=args.cache, device=args.device,
                    batch_size=args.batch_size, frames=args.frames, stride=args.stride,
-                   max_per_class=args.max_per_class, probe=probe_cfg, progress=not args.no_progress)
+                   max_per_class=args.max_per_class, probe=probe_cfg, progress=not args.no_progress,
+                   online=args.online, resume=args.resume)
     report = job.run()
     print(job.table(report))
     print(f"results: {os.path.join(args.out, 'results.json')}  plot: {os.path.join(args.out, 'probe.png')}")

@@ -166,6 +166,12 @@ def to_sequence(codes: np.ndarray, layout: VocabLayout, kind: str) -> np.ndarray
     return layout.sequence(codes, kind)[:-1].astype(np.int64)
 
 
+def code_features(hidden: torch.Tensor) -> torch.Tensor:
+    """Residual stream ``(B, 1 + T, D)`` of ``[start] + codes`` -> the probe's features
+    ``(B, T, D) float16``: the visual code positions only (cached and online probing alike)."""
+    return hidden[:, 1:].to(torch.float16)
+
+
 def iter_codes(samples: list[Sample], indices: list[int], tokenizer, spec: SequenceSpec, batch_size: int,
                skipped: list, bar=None):
     """Read and tokenize samples, ``batch_size`` at a time (one tokenizer call per batch).
@@ -326,7 +332,7 @@ class FeatureExtractor:
             with ctx:
                 hidden = self.model.hidden_states(tokens, self.layers)
             for l in self.layers:
-                feats[l].append(hidden[l][:, 1:].to(torch.float16).cpu())  # (B, T, D): code positions
+                feats[l].append(code_features(hidden[l]).cpu())  # (B, T, D)
             labels += batch_labels
             kept += batch_kept
         return feats, labels, kept

@@ -16,6 +16,7 @@ Both heads see one layer's token features ``(B, T, D)`` and share everything aft
 
 Training is AdamW with a linear warm-up and cosine decay per optimizer step, full batches of
 features held in memory; given the same seed, features and settings it is deterministic.
+``ProbeJob(online=True)`` trains the same probes without a feature cache (probe_online.py).
 """
 
 from __future__ import annotations
@@ -134,10 +135,15 @@ def epoch_steps(n: int, batch_size: int) -> int:
     return max(1, n // batch_size if n % batch_size < 2 else n // batch_size + 1)
 
 
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B,)`` bool: is the row's label among its ``k`` largest logits."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
     """Fraction of rows whose label is among the ``k`` largest logits."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == labels[:, None]).any(dim=1).float().mean())
+    return float(topk_hits(logits, labels, k).float().mean())
 
 
 @dataclass
@@ -158,6 +164,38 @@ def predict(probe: Probe, feats: torch.Tensor, batch_size: int, device: torch.de
     return torch.cat(out) if out else torch.zeros(0, probe.head.out_features)
 
 
+def make_probe(dim: int, n_classes: int, pooling: str, cfg: ProbeConfig, default_heads: int,
+               device: torch.device) -> tuple[Probe, torch.optim.AdamW]:
+    """A probe and its AdamW (decay on matrices only), drawn right after seeding with
+    ``cfg.seed``: every probe starts the same whatever ran before it, cached or online."""
+    torch.manual_seed(cfg.seed)
+    probe = Probe(dim, n_classes, pooling, cfg.heads or default_heads, cfg.norm).to(device)
+    decay = [p for p in probe.parameters() if p.dim() >= 2]
+    rest = [p for p in probe.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    return probe, opt
+
+
+def probe_schedule(n: int, cfg: ProbeConfig) -> tuple[int, int, int, int]:
+    """(batch size, steps per epoch, total steps, warm-up steps) for ``n`` train samples."""
+    bs = min(cfg.batch_size, n)
+    steps_per_epoch = epoch_steps(n, bs)
+    return bs, steps_per_epoch, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+
+
+def probe_step(probe: Probe, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               lr: float) -> torch.Tensor:
+    """One AdamW step on a batch ``x: (B, T, D)``, ``y: (B,)``; returns the loss before it."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    loss = F.cross_entropy(probe(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return loss
+
+
 def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
                 n_classes: int, pooling: str, cfg: ProbeConfig, default_heads: int,
                 device: str | torch.device = "cpu") -> tuple[ProbeResult, Probe]:
@@ -167,32 +205,18 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
     device = torch.device(device)
     if len(train_x) == 0 or len(val_x) == 0:
         raise ConfigError("probe: the train and val splits both need at least one sample")
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    dim = train_x.shape[-1]
-    probe = Probe(dim, n_classes, pooling, cfg.heads or default_heads, cfg.norm).to(device)
-    decay = [p for p in probe.parameters() if p.dim() >= 2]
-    rest = [p for p in probe.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)  # the batch order; see toto.eval.probe_online
+    probe, opt = make_probe(train_x.shape[-1], n_classes, pooling, cfg, default_heads, device)
     n = len(train_x)
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = epoch_steps(n, bs)
-    total = steps_per_epoch * cfg.epochs
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    bs, steps_per_epoch, total, warmup = probe_schedule(n, cfg)
     step, loss = 0, torch.tensor(float("nan"))
     probe.train()
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=gen)
         for b in range(steps_per_epoch):
             idx = perm[b * bs:(b + 1) * bs]
-            for g in opt.param_groups:
-                g["lr"] = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
-            x, y = train_x[idx].to(device), train_y[idx].to(device)
-            loss = F.cross_entropy(probe(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
+            loss = probe_step(probe, opt, train_x[idx].to(device), train_y[idx].to(device), lr)
             step += 1
     val_logits = predict(probe, val_x, cfg.batch_size, device)
     train_logits = predict(probe, train_x, cfg.batch_size, device)
@@ -212,6 +236,13 @@ def best_layer(results: dict[int, dict[str, dict]], pooling: str) -> tuple[int, 
         raise ValueError(f"no results for pooling {pooling!r}")
     top1, _, layer = max(scored)
     return layer, top1
+
+
+def set_best(res: dict, poolings: list[str]) -> None:
+    """A model's ``best``: the first pooling's best layer, plus the best layer of each pooling."""
+    best = {p: dict(zip(("layer", "top1"), best_layer({int(k): v for k, v in res["layers"].items()}, p)))
+            for p in poolings}
+    res["best"] = {**best[poolings[0]], "pooling": poolings[0], "by_pooling": best}
 
 
 def plot_accuracy(report: dict, path) -> None:
@@ -262,7 +293,8 @@ def labels_tensor(labels) -> torch.Tensor:
 
 @dataclass
 class ProbeJob:
-    """Extract (cached) features of each requested layer, fit one probe per layer and pooling."""
+    """Extract (cached) features of each requested layer, fit one probe per layer and pooling;
+    ``online``: all probes at once from live forwards over cached tokens (probe_online.py)."""
 
     checkpoint: str
     tokenizer: str
@@ -279,6 +311,8 @@ class ProbeJob:
     max_per_class: int | None = None
     probe: ProbeConfig | None = None
     progress: bool = True
+    online: bool = False  # train all probes from live forwards over cached tokens (probe_online.py)
+    resume: bool = False  # --online only: continue the run in `out` from its saved state
 
     def run(self) -> dict:
         from ..ioutil import atomic_write_json
@@ -292,6 +326,9 @@ class ProbeJob:
         self.out = Path(self.out)
         poolings = self.poolings or list(POOLINGS)
         probe_cfg = (self.probe or ProbeConfig()).validate()
+        if self.resume and not self.online:
+            raise ConfigError("--resume continues an --online run; the cached mode resumes from its feature "
+                              "cache by itself")
         device = resolve_device(self.device)
         tok = get_tokenizer(self.tokenizer, device=str(device))
         ds = scan_dataset(self.data, self.max_per_class)
@@ -324,44 +361,56 @@ class ProbeJob:
             "title": f"{Path(str(ckpt_dir)).parent.parent.name or ckpt_dir.name} step {state.get('step')}",
             "models": {},
         }
-        for name, (m, ident) in models.items():
-            extractor = FeatureExtractor(m, layout, tok, spec, layers,
-                                         {"model": ident, "tokenizer": tok_id}, device,
-                                         batch_size=self.batch_size, progress=self.progress)
-            feats, manifest = extractor.run(ds, cache_root)
-            skipped = {s: manifest["splits"][s]["skipped"] for s in feats}
-            if skipped["train"] or skipped["val"]:
-                n_skip = sum(len(v) for v in skipped.values())
-                print(f"{name}: skipped {n_skip} unreadable file(s), e.g. {(skipped['train'] + skipped['val'])[0]['reason']}")
-            res = {"features": str(feats["train"].cache), "n_train": len(feats["train"].labels),
-                   "n_val": len(feats["val"].labels),
-                   "skipped": {s: [x["path"] for x in v] for s, v in skipped.items()}, "layers": {}}
-            if res["n_train"] == 0 or res["n_val"] == 0:
-                raise DataError(f"{self.data}: no readable media in the "
-                                f"{'train' if res['n_train'] == 0 else 'val'} split")
-            empty = [ds.classes[c] for c in range(len(ds.classes)) if not (feats["train"].labels == c).any()]
-            if empty:
-                print(f"warning: classes without any readable train sample: {empty[:5]}")
-            report["models"][name] = res
-            bar = tqdm(total=len(layers) * len(poolings), desc=f"probes ({name})", unit="probe",
-                       disable=not self.progress, dynamic_ncols=True)
-            for layer in layers:
-                tx, vx = feats["train"].layer(layer), feats["val"].layer(layer)
-                res["layers"][str(layer)] = {}
-                for pooling in poolings:
-                    r, _ = train_probe(tx, feats["train"].labels, vx, feats["val"].labels, len(ds.classes),
-                                       pooling, probe_cfg, cfg.model.n_heads, device)
-                    res["layers"][str(layer)][pooling] = r.to_dict()
-                    bar.update(1)
-                atomic_write_json(self.out / "results.json", report)  # partial results survive a kill
-            bar.close()
-            res["best"] = {p: dict(zip(("layer", "top1"), best_layer(
-                {int(k): v for k, v in res["layers"].items()}, p))) for p in poolings}
-            res["best"] = {**res["best"][poolings[0]], "pooling": poolings[0], "by_pooling": res["best"]}
+        if self.online:
+            from .probe_online import run_online
+
+            run_online(self, report, models, ds=ds, tokenizer=tok, tok_id=tok_id, layout=layout, spec=spec,
+                       layers=layers, poolings=poolings, cfg=probe_cfg, default_heads=cfg.model.n_heads,
+                       device=device)
+        else:
+            for name, (m, ident) in models.items():
+                extractor = FeatureExtractor(m, layout, tok, spec, layers,
+                                             {"model": ident, "tokenizer": tok_id}, device,
+                                             batch_size=self.batch_size, progress=self.progress)
+                feats, manifest = extractor.run(ds, cache_root)
+                skipped = {s: manifest["splits"][s]["skipped"] for s in feats}
+                res = self.model_entry(name, skipped, ds.classes, feats["train"].labels, len(feats["val"].labels),
+                                       features=str(feats["train"].cache))
+                report["models"][name] = res
+                bar = tqdm(total=len(layers) * len(poolings), desc=f"probes ({name})", unit="probe",
+                           disable=not self.progress, dynamic_ncols=True)
+                for layer in layers:
+                    tx, vx = feats["train"].layer(layer), feats["val"].layer(layer)
+                    res["layers"][str(layer)] = {}
+                    for pooling in poolings:
+                        r, _ = train_probe(tx, feats["train"].labels, vx, feats["val"].labels, len(ds.classes),
+                                           pooling, probe_cfg, cfg.model.n_heads, device)
+                        res["layers"][str(layer)][pooling] = r.to_dict()
+                        bar.update(1)
+                    atomic_write_json(self.out / "results.json", report)  # partial results survive a kill
+                bar.close()
+                set_best(res, poolings)
         report["best_layer"] = report["models"]["trained"]["best"]["layer"]
         atomic_write_json(self.out / "results.json", report)
         plot_accuracy(report, self.out / "probe.png")
         return report
+
+    def model_entry(self, name: str, skipped: dict[str, list[dict]], classes: list[str], train_labels,
+                    n_val: int, **extra) -> dict:
+        """One model's results entry before its probes; says what was skipped and refuses an
+        empty split (both modes)."""
+        if skipped["train"] or skipped["val"]:
+            n_skip = sum(len(v) for v in skipped.values())
+            print(f"{name}: skipped {n_skip} unreadable file(s), e.g. {(skipped['train'] + skipped['val'])[0]['reason']}")
+        res = {**extra, "n_train": len(train_labels), "n_val": n_val,
+               "skipped": {s: [x["path"] for x in v] for s, v in skipped.items()}, "layers": {}}
+        if res["n_train"] == 0 or res["n_val"] == 0:
+            raise DataError(f"{self.data}: no readable media in the "
+                            f"{'train' if res['n_train'] == 0 else 'val'} split")
+        empty = [classes[c] for c in range(len(classes)) if not (train_labels == c).any()]
+        if empty:
+            print(f"warning: classes without any readable train sample: {empty[:5]}")
+        return res
 
     @staticmethod
     def table(report: dict) -> str:
