@@ -4,7 +4,6 @@ exact resumption, and the cached path's errors."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from unittest import mock
 
 import numpy as np
@@ -182,6 +181,9 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, capsys):
     assert [r["epoch"] for r in recs[1]] == [1, 2, 3]
     for a, b in zip(*recs):
         assert (a["train_loss"], a["val_top1"], a["lr"]) == (b["train_loss"], b["val_top1"], b["lr"])
+    # a finished run resumed again only redoes the closing train pass: the same results
+    assert main(_args(run, tok, data, tmp_path / "split", *common, "--resume")) == 0
+    assert json.loads((tmp_path / "split" / "results.json").read_text())["models"] == split["models"]
 
 
 def test_errors_are_the_cached_paths(tmp_path, capsys):
