@@ -67,3 +67,19 @@ def write_shards(path: Path, n_seq: int = 64, n_codes: int = 32, grid=(2, 2), fr
 @pytest.fixture
 def tiny_shards(tmp_path) -> Path:
     return write_shards(tmp_path / "shards")
+
+
+def unreadable_val_dataset(root: Path) -> Path:
+    """Class folders a/ and b/ whose train images are fine and whose val files are all corrupt."""
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(2):
+                p = root / split / c / f"{i}.png"
+                if split == "val":
+                    p.write_bytes(b"not a png")
+                else:
+                    Image.fromarray(np.full((16, 16, 3), 100 * i, np.uint8)).save(p)
+    return root

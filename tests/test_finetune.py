@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from conftest import unreadable_val_dataset
 from test_probe import _tiny_setup  # 2-class images, a patch tokenizer, a random tiny checkpoint
 
 from toto.cli import main
@@ -276,16 +277,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
             Image.fromarray(np.full((16, 16, 3), 9 * i, np.uint8)).save(one / split / "only" / f"{i}.png")
     fails(_args(run, tok, one, out), "at least 2 classes")
 
-    broken_val = tmp_path / "bv"
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (broken_val / split / c).mkdir(parents=True)
-            for i in range(2):
-                p = broken_val / split / c / f"{i}.png"
-                if split == "val":
-                    p.write_bytes(b"not a png")
-                else:
-                    Image.fromarray(np.full((16, 16, 3), 100 * i, np.uint8)).save(p)
+    broken_val = unreadable_val_dataset(tmp_path / "bv")
     fails(_args(run, tok, broken_val, out), "0 val sample(s)")
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import unreadable_val_dataset
 from test_probe import _tiny_setup  # 2-class images (one broken file), a patch tokenizer, a random tiny checkpoint
 
 from toto.cli import main
@@ -187,24 +188,13 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, capsys):
 
 
 def test_errors_are_the_cached_paths(tmp_path, capsys):
-    from PIL import Image
-
     from toto.tokenizers.patch import PatchTokenizer
 
     data, tok, run = _tiny_setup(tmp_path)
     other = tmp_path / "other.safetensors"
     frames = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
     PatchTokenizer.fit(frames, n_codes=5, patch=8, resolution=16).save(other)
-    broken_val = tmp_path / "bv"
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (broken_val / split / c).mkdir(parents=True)
-            for i in range(2):
-                p = broken_val / split / c / f"{i}.png"
-                if split == "val":
-                    p.write_bytes(b"not a png")
-                else:
-                    Image.fromarray(np.full((16, 16, 3), 100 * i, np.uint8)).save(p)
+    broken_val = unreadable_val_dataset(tmp_path / "bv")
 
     def error(args):
         capsys.readouterr()

@@ -22,6 +22,16 @@ def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def fresh_tmp_dir(final_dir: Path) -> Path:
+    """An empty ``<final_dir>.tmp`` to fill and then ``atomic_replace_dir`` into place (a
+    leftover from a killed write is removed first)."""
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
 def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     """Move a fully written folder into place; an older folder of that name is removed first."""
     if final_dir.exists():

@@ -37,7 +37,8 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError
-from ..ioutil import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, read_jsonl
+from ..ioutil import (append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir,
+                      read_jsonl)
 from .features import code_features
 from .probe import ProbeConfig, ProbeResult, cosine_lr, make_probe, probe_schedule, probe_step, set_best, topk_hits
 
@@ -109,12 +110,8 @@ def _save_state(root: Path, epoch: int, step: int, probes: dict, last_loss: dict
 
     from ..train.checkpoint import optimizer_to_tensors
 
-    root.mkdir(parents=True, exist_ok=True)
     name = f"epoch_{epoch:04d}"
-    tmp = root / (name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = fresh_tmp_dir(root / name)
     weights, moments, groups = {}, {}, {}
     for key, (probe, opt) in probes.items():
         weights.update({f"{key}/{k}": v.detach().contiguous().cpu() for k, v in probe.state_dict().items()})

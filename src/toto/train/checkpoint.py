@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config, config_from_dict
 from ..errors import CheckpointError
-from ..ioutil import atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir
 
 CKPT_DIR = "checkpoints"
 
@@ -78,12 +78,8 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state, config: Config,
     if isinstance(model_state, torch.nn.Module):
         model_state = model_state.state_dict()
     root = Path(run_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:08d}"
-    tmp = root / (name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = fresh_tmp_dir(root / name)
     save_file(_model_tensors(model_state, config.model.tie_embeddings), str(tmp / "model.safetensors"))
     if optimizer_state is not None:
         tensors, meta = optimizer_to_tensors(optimizer_state)
