@@ -64,3 +64,23 @@ def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     assert main(args) == 0
     log = capsys.readouterr().out
     assert log.count("(done; reused)") == 8, log
+
+
+def test_paper_presets_probe_online_and_resume(tmp_path):
+    """At paper scale a feature cache does not fit (500 GB a layer for ImageNet), so the probe
+    stage runs `toto probe --online`, resuming its saved state; the tiny preset keeps the cache."""
+    from toto.quickstart import Quickstart, QuickstartOptions
+
+    def stage_args(opts):
+        qs = Quickstart(opts, log=lambda *a: None)
+        calls = []
+        qs._cli = lambda *argv: calls.append([str(a) for a in argv])
+        qs.stage_probe()
+        return qs, calls[0]
+
+    paper = QuickstartOptions(out=tmp_path / "p", preset="base", videos=["clip.mp4"], probe_data=str(tmp_path))
+    qs, argv = stage_args(paper)
+    assert argv[0] == "probe" and "--online" in argv and "--resume" not in argv
+    (qs.paths["probe"] / "online_state").mkdir(parents=True)
+    assert "--resume" in stage_args(paper)[1]
+    assert "--online" not in stage_args(QuickstartOptions(out=tmp_path / "t"))[1]

@@ -149,9 +149,13 @@ class Quickstart:
             self.log("probe: pass --probe-data ROOT (class folders) to probe at this scale; skipped")
             return
         cap = self.o.probe_max_per_class
+        # paper scale: online probing (a feature cache of ImageNet is 500 GB a layer at width 768)
+        online = ["--online"] if self.o.preset != "tiny" else []
+        if online and (self.paths["probe"] / "online_state").exists():
+            online.append("--resume")
         self._cli("probe", "--checkpoint", self.paths["run"], "--tokenizer", self.tok_file,
                   "--data", self._probe_data(), "--out", self.paths["probe"], "--random-init",
-                  "--epochs", self.o.probe_epochs,
+                  "--epochs", self.o.probe_epochs, *online,
                   *(["--max-per-class", cap] if cap else []))
 
     def stage_finetune(self) -> None:
