@@ -20,6 +20,7 @@ COMMANDS = {
     "detokenize": "detokenize",
     "train": "train",
     "probe": "probe",
+    "lists": "lists",
     "finetune": "finetune",
     "track": "track",
     "forecast": "forecast",

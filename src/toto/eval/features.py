@@ -6,7 +6,8 @@ Dataset layouts (``root`` holds a ``train`` and a ``val`` split, each one of):
     root/train/<class>/*.mp4|webm|...       videos in class folders (Kinetics layout)
     root/train.txt                          a list file: one ``path label`` per line, paths
                                             relative to the list file's folder, label = class
-                                            name (the last whitespace-separated field)
+                                            name (the last whitespace-separated field; on a
+                                            line with a tab, all after the last tab)
 
 Classes are the sorted class names of the train split; a val sample of a class the train split
 lacks is an error. An image becomes one image sequence ``[3] + codes`` (H/d x W/d codes); a
@@ -87,7 +88,7 @@ def _read_list(list_file: Path) -> list[tuple[Path, str]]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(maxsplit=1)
+        parts = [s.strip() for s in line.rsplit("\t", 1)] if "\t" in line else line.rsplit(maxsplit=1)
         if len(parts) != 2:
             raise DataError(f"{list_file}:{n}: expected 'path label', got {line!r}")
         path = Path(parts[0])
@@ -107,10 +108,10 @@ def scan_dataset(root: str | Path, max_per_class: int | None = None) -> Labelled
         raise DataError(f"dataset folder not found: {root}")
     raw, skipped = {}, []
     for split in SPLITS:
-        if (root / split).is_dir():
-            raw[split] = _scan_folders(root / split, skipped)
-        elif (root / f"{split}.txt").is_file():
+        if (root / f"{split}.txt").is_file():  # a list wins over a folder beside it (ImageNet's flat val/)
             raw[split] = _read_list(root / f"{split}.txt")
+        elif (root / split).is_dir():
+            raw[split] = _scan_folders(root / split, skipped)
         else:
             raise DataError(f"{root}: missing the {split} split (expected a folder {root / split}/<class>/ "
                             f"or a list file {root / split}.txt)")

@@ -1,0 +1,78 @@
+"""`toto lists`: list files for `toto probe`/`toto finetune` from the ImageNet and Kinetics releases."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+HELP = "write ROOT/<split>.txt list files from the official ImageNet-1k or Kinetics annotations"
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    im = sub.add_parser("imagenet", help="label ImageNet's flat val folder (Kaggle CSV or devkit)",
+                        description="Label ImageNet-1k's flat val folder by WNID (the train class folder names).")
+    im.add_argument("--val-dir", required=True, help="folder of ILSVRC2012_val_*.JPEG (searched recursively)")
+    src = im.add_mutually_exclusive_group(required=True)
+    src.add_argument("--solution", metavar="CSV", help="Kaggle's LOC_val_solution.csv")
+    src.add_argument("--ground-truth", metavar="TXT",
+                     help="devkit ILSVRC2012_validation_ground_truth.txt (needs --meta)")
+    im.add_argument("--meta", help="devkit meta.mat mapping ILSVRC2012_ID to WNID")
+    im.add_argument("--train-dir", help="train folder of class folders: every label must be one of them")
+    im.add_argument("--out", required=True, help="list file to write, e.g. ROOT/val.txt")
+    ki = sub.add_parser("kinetics", help="find Kinetics clips of an annotation CSV on disk",
+                        description="Find the clips of a Kinetics-400/600/700 annotation CSV under the given "
+                                    "folders by their canonical names; missing clips are counted, not errors.")
+    ki.add_argument("--csv", required=True, help="train.csv / validate.csv / val.csv / test.csv of the release")
+    ki.add_argument("--videos", required=True, action="append", metavar="DIR",
+                    help="folder searched recursively for {youtube_id}_{start:06d}_{end:06d}.mp4|mkv|webm "
+                         "(repeatable)")
+    ki.add_argument("--max-per-class", type=int, help="keep at most this many found clips per class (CSV order)")
+    ki.add_argument("--out", required=True, help="list file to write, e.g. ROOT/val.txt")
+    for q in (im, ki):
+        q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def run(args) -> int:
+    from ..data import lists
+    from ..errors import ConfigError
+
+    progress = not args.no_progress
+    if args.dataset == "imagenet":
+        if args.ground_truth and not args.meta:
+            raise ConfigError("--ground-truth needs --meta (the devkit's meta.mat)")
+        if args.solution and args.meta:
+            raise ConfigError("--meta goes with --ground-truth, not --solution")
+        if args.solution:
+            source, rows = args.solution, lists.read_loc_solution(args.solution)
+        else:
+            source, rows = args.ground_truth, lists.read_devkit(args.ground_truth, args.meta)
+        result = lists.imagenet_val_list(args.val_dir, rows, source, args.train_dir, progress)
+    else:
+        result = lists.kinetics_list(args.csv, args.videos, args.max_per_class, progress)
+    report_path = lists.write_list(result, args.out)
+    print_summary(result.report, Path(args.out), report_path)
+    return 0
+
+
+def print_summary(rep: dict, out: Path, report_path: Path) -> None:
+    unique = sum(c["rows"] for c in rep["splits"].values())
+    lines = [("annotations", f"{rep['annotations']} ({rep['rows']} rows)")]
+    lines += [(f"split {split}", f"{c['listed']} listed of {c['rows']}") for split, c in rep["splits"].items()]
+    lines.append(("missing", f"{rep['missing']} ({100 * rep['missing'] / max(unique, 1):.1f}%; not on disk, "
+                             "left out)"))
+    for name, key in (("empty files", "empty"), ("duplicate rows", "duplicate_rows"),
+                      ("duplicate files", "duplicate_files"), ("over --max-per-class", "dropped_max_per_class"),
+                      ("files not in annotations", "unlisted_files"), ("files not in annotations", "unlabelled_files")):
+        if rep.get(key):
+            lines.append((name, str(rep[key])))
+    counts = list(rep["per_class"].values())
+    lines.append(("classes", f"{rep['n_classes']} (samples per class: min {min(counts)}, "
+                             f"median {statistics.median(counts):g}, max {max(counts)})"))
+    lacking = rep.get("n_classes_annotated", rep["n_classes"]) - rep["n_classes"]
+    if lacking:
+        lines.append(("warning", f"{lacking} annotated class(es) have no sample on disk"))
+    lines.append(("report", f"{report_path} (every missing, empty and duplicate item)"))
+    print(f"toto lists {rep['kind']}: wrote {out} ({rep['listed']} samples)")
+    for name, text in lines:
+        print(f"  {name:<25} {text}")
