@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-HELP = "run the whole pipeline (tokenize, pre-train, probe, track, forecast) and write a report"
+HELP = "run the whole pipeline (tokenize, pre-train, probe, fine-tune, track, forecast) and write a report"
 
 
 def add_arguments(p):
