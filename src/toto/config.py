@@ -42,7 +42,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # folder with index.json + shard files
+    path: str | list[str] | None = None  # folder(s) with index.json + shard files; "a,b" = [a, b]
+    weights: list[float] | None = None  # per-folder mixing weights (None: by sequence count)
     val_fraction: float = 0.005
     val_max_sequences: int = 512  # cap on the held-out split so validation stays cheap
     seed: int = 0
@@ -114,7 +115,15 @@ def _coerce(value: Any, tp, where: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], where)
+        lists = [a for a in args if typing.get_origin(a) is list]
+        return _coerce(value, lists[0] if lists and isinstance(value, (list, tuple)) else args[0], where)
+    if origin is list:  # a YAML list, or a comma-separated string from the command line
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)):
+            items = [items]
+        (elem,) = typing.get_args(tp)
+        return [_coerce(v.strip() if isinstance(v, str) else v, elem, f"{where}[{i}]")
+                for i, v in enumerate(items)]
     if value is None:
         raise ConfigError(f"{where}: must not be empty")
     try:
@@ -218,6 +227,14 @@ def build_config(preset_name: str | None = None, yaml_path: str | None = None,
     return cfg
 
 
+def data_paths(d: DataConfig) -> list[str]:
+    """``data.path`` as a list of folders (a comma-separated string counts as several)."""
+    if not d.path:
+        return []
+    items = d.path.split(",") if isinstance(d.path, str) else d.path
+    return [p.strip() for p in items if p.strip()]
+
+
 def _positive(obj, section: str, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
@@ -239,6 +256,14 @@ def validate(cfg: Config) -> Config:
     d, t = cfg.data, cfg.train
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction}")
+    if d.weights is not None:
+        paths = data_paths(d)
+        if paths and len(d.weights) != len(paths):
+            raise ConfigError(f"data.weights has {len(d.weights)} value(s) but data.path names "
+                              f"{len(paths)} folder(s): give one weight per folder")
+        bad = [w for w in d.weights if not (math.isfinite(w) and w > 0)]
+        if bad:
+            raise ConfigError(f"data.weights must all be finite and > 0, got {d.weights}")
     _positive(t, "train", "lr", "max_steps", "batch_tokens", "micro_batch_size", "eval_interval",
               "eval_batches", "ckpt_interval", "keep_checkpoints", "log_interval")
     for n in ("warmup_steps",):

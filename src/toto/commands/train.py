@@ -9,7 +9,8 @@ HELP = "pre-train the model on token shards (next-token prediction)"
 
 def add_arguments(p):
     add_config_args(p)
-    p.add_argument("--data", help="token shard folder (sets data.path)")
+    p.add_argument("--data", help="token shard folder, or several comma-separated (sets data.path; mix with "
+                   "data.weights=[w1,w2,...])")
     p.add_argument("--out", help="run folder for checkpoints and metrics (sets train.out_dir)")
     p.add_argument("--steps", type=int, help="optimizer steps (sets train.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")

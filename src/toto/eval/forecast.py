@@ -311,10 +311,10 @@ DEFAULT_STRIDE = 4  # SPEC: one frame in 4
 def training_stride(cfg) -> tuple[int, str]:
     """The stride the model's training videos were sampled at, read from the index of the shard
     folder its config names (``toto tokenize`` records it); SPEC's 4 when that is unavailable."""
+    from ..config import data_paths
     from ..data.shards import read_index
 
-    path = getattr(cfg.data, "path", None)
-    if path:
+    for path in data_paths(cfg.data):  # a mix: the first folder that records a stride (image folders do not)
         try:
             stride = read_index(path).get("meta", {}).get("config", {}).get("stride")
         except DataError:

@@ -12,15 +12,16 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..config import Config, validate
-from ..data.loader import TrainLoader, split_indices, val_batches
-from ..data.shards import ShardDataset
+from ..config import Config, data_paths, validate
+from ..data.loader import val_batches
+from ..data.mix import describe_sources, make_loader, mix_weights, open_shards, split_sources
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
 from ..model.llama import Toto, is_hidden_matrix
@@ -96,6 +97,7 @@ class RunSummary:
     uniform_loss: float
     checkpoint: str
     parallel: str = "none"  # e.g. "fsdp/nccl x1": what actually ran, not just what was asked
+    data: list = field(default_factory=list)  # folders, sizes and mixing weights trained on
 
 
 class Trainer:
@@ -125,7 +127,7 @@ class Trainer:
         self.cfg = validate(cfg)
         if not cfg.data.path:
             raise ConfigError("data.path is not set: pass --data DIR (a folder made by `toto tokenize`)")
-        self.ds = ShardDataset(cfg.data.path)
+        self.ds = open_shards(data_paths(cfg.data))
         m = cfg.model
         if m.vocab_size is None:
             m.vocab_size = self.ds.layout.vocab_size
@@ -140,10 +142,17 @@ class Trainer:
         self.wrapped = wrap_model(self.model, t.parallel, self.dist, self.device)
         self.optimizer = make_optimizer(self.model, cfg, self.device)
 
-        self.train_idx, self.val_idx = split_indices(len(self.ds), cfg.data.val_fraction,
-                                                     cfg.data.val_max_sequences, cfg.data.seed)
-        self.loader = TrainLoader(self.ds, self.train_idx, t.micro_batch_size, seed=cfg.data.seed,
-                                  rank=self.dist.rank, world_size=self.dist.world_size)
+        splits = split_sources(self.ds, cfg.data.val_fraction, cfg.data.val_max_sequences, cfg.data.seed)
+        self.train_idx = np.concatenate([tr for tr, _ in splits])
+        self.val_idx = np.concatenate([va for _, va in splits])
+        self.val_per_source = [va for _, va in splits]
+        weights = mix_weights(cfg.data.weights, [len(tr) for tr, _ in splits])
+        self.sources = describe_sources(self.ds, [tr for tr, _ in splits], weights)
+        self.loader = make_loader(self.ds, [tr for tr, _ in splits], weights, t.micro_batch_size,
+                                  seed=cfg.data.seed, rank=self.dist.rank, world_size=self.dist.world_size)
+        if start is not None:
+            _check_same_sources(self.state.get("data_sources"), self.sources)
+        self.val_by_source: dict[str, float] = {}
         self.seq_tokens = self.ds.seq_len - 1
         per_micro = t.micro_batch_size * self.seq_tokens * self.dist.world_size
         self.accum = max(1, round(t.batch_tokens / per_micro))
@@ -180,8 +189,16 @@ class Trainer:
         for name in ("max_steps", "eval_interval", "ckpt_interval", "log_interval", "tensorboard",
                      "device", "keep_checkpoints", "parallel", "compile"):
             setattr(saved.train, name, getattr(given.train, name))
+        if given.data.weights is not None and given.data.weights != saved.data.weights:
+            raise ConfigError(f"--resume: data.weights={given.data.weights} differ from the run's "
+                              f"{saved.data.weights}; start a new run (--out) to change the mix")
         if given.data.path:
-            saved.data.path = given.data.path
+            old, new = data_paths(saved.data), data_paths(given.data)
+            if len(old) != len(new):
+                raise ConfigError(f"--resume: this run trained on {len(old)} folder(s) ({', '.join(old)}); "
+                                  f"data.path now names {len(new)} ({', '.join(new)}); resume with the same "
+                                  f"folders or start a new run (--out)")
+            saved.data.path = given.data.path  # folders may have moved; _check_same_sources compares them
         return saved
 
     # -- metrics ---------------------------------------------------------------------------
@@ -206,20 +223,34 @@ class Trainer:
     # -- loop ------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Mean NLL over the held-out sequences; with several folders, each source's own
+        ``eval_batches`` are evaluated, kept in ``val_by_source`` and pooled for the total."""
         if len(self.val_idx) == 0:
             return None
         self.model.eval()
+        total, count, self.val_by_source = 0.0, 0, {}
+        for src, idx in zip(self.sources, self.val_per_source):
+            if len(idx) == 0:
+                continue
+            t, c = self._val_sum(idx)
+            total, count = total + t, count + c
+            if len(self.sources) > 1:
+                self.val_by_source[src["name"]] = t / max(c, 1)
+        self.model.train()
+        return total / max(count, 1)
+
+    def _val_sum(self, idx) -> tuple[float, float]:
+        """(summed NLL, target count) over the fixed val batches of ``idx``, all ranks together."""
         total, count = 0.0, 0
-        for batch in val_batches(self.ds, self.val_idx, self.cfg.train.micro_batch_size,
+        for batch in val_batches(self.ds, idx, self.cfg.train.micro_batch_size,
                                  self.cfg.train.eval_batches, self.dist.rank, self.dist.world_size):
             inputs, targets = shift_targets(batch.to(self.device), self.ds.layout.pad)
             with autocast_for(self.device, self.cfg.train.dtype):
                 _, loss = self.forward(inputs, targets)
             n = int((targets != -1).sum())
             total, count = total + float(loss) * n, count + n
-        self.model.train()
         total, count = all_reduce_sum([total, count], self.device)
-        return total / max(count, 1)
+        return total, count
 
     def _sync_grads(self, last: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -264,7 +295,8 @@ class Trainer:
             state = {"tokens": self.state["tokens"], "loader": self.loader.state_dict(),
                      "vocab": self.ds.layout.to_dict(), "grid": list(self.ds.geometry.grid),
                      "frames_per_sequence": self.ds.geometry.frames_per_sequence,
-                     "tokenizer": self.ds.index.get("tokenizer", {}), "world_size": self.dist.world_size}
+                     "tokenizer": self.ds.index.get("tokenizer", {}), "world_size": self.dist.world_size,
+                     "data_sources": self.sources}
             if "init_from" in self.state:
                 state["init_from"] = self.state["init_from"]
             path = ckpt.save_checkpoint(self.out, self.step, model_sd, self.cfg, state, optim_sd,
@@ -304,7 +336,8 @@ class Trainer:
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     val = self.evaluate()
                     if val is not None:
-                        self._log({"step": self.step, "val_loss": val}, tb)
+                        self._log({"step": self.step, "val_loss": val,
+                                   **{f"val_loss/{k}": v for k, v in self.val_by_source.items()}}, tb)
                         if self.progress:
                             bar.write(f"step {self.step}: train {loss:.4f}  val {val:.4f}  "
                                       f"(uniform {uniform:.4f})")
@@ -318,10 +351,28 @@ class Trainer:
             bar.close()
             if tb is not None:
                 tb.close()
-        summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt), self.parallel)
+        summary = RunSummary(self.step, self.state["tokens"], loss, val, uniform, str(last_ckpt), self.parallel,
+                             self.sources)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary.__dict__)
         return summary
+
+
+def _check_same_sources(saved: list[dict] | None, now: list[dict]) -> None:
+    """--resume must see the folders (by name and size) and weights the run started with;
+    checkpoints from before mixing was recorded are not checked."""
+    if saved is None:
+        return
+
+    def key(srcs):
+        return [(s["name"], s["n_sequences"], round(s["weight"], 12)) for s in srcs]
+
+    def fmt(srcs):
+        return ", ".join(f"{s['name']} ({s['n_sequences']} seq, weight {s['weight']:.3g})" for s in srcs)
+
+    if key(saved) != key(now):
+        raise ConfigError(f"--resume: this run trained on {fmt(saved)}; data.path/data.weights now give "
+                          f"{fmt(now)}; resume with the same folders and weights or start a new run (--out)")
 
 
 def _tensorboard(out: Path):
