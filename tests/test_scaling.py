@@ -162,6 +162,9 @@ def test_plan_tokens_budget_and_bad_shape(tmp_path):
         sc.plan(bad, tmp_path / "out", str(data))
     with pytest.raises(ConfigError, match="no data"):
         sc.plan(bad, tmp_path / "out", None)
+    other = write_shards(tmp_path / "e", n_seq=16, seed=1)  # a mix of two folders plans like one
+    mixed = sc.plan(g, tmp_path / "out", f"{data},{other}")
+    assert [s.steps for s in mixed] == [10, 21] and mixed[0].cfg.data.path == f"{data},{other}"
 
 
 # -- end to end -------------------------------------------------------------------------------

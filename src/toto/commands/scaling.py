@@ -15,7 +15,7 @@ def add_arguments(p):
                                    "under OUT/runs/<name>; results go to OUT/results.jsonl.")
     r.add_argument("--grid", required=True, metavar="YAML", help="sweep definition (see docs/scaling.md)")
     r.add_argument("--out", required=True, metavar="DIR", help="sweep folder (runs/, results.jsonl)")
-    r.add_argument("--data", metavar="DIR", help="token shard folder (overrides the grid's data:)")
+    r.add_argument("--data", metavar="DIR", help="token shard folder, or several as a,b (a weighted mix: set data.weights in the grid's base); overrides the grid's data:")
     r.add_argument("--dry-run", action="store_true", help="list the runs with params, tokens and FLOPs; train nothing")
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

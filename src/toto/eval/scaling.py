@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import PRESETS, Config, ModelConfig, apply_dict, preset, read_yaml_mapping, validate
+from ..config import (PRESETS, Config, DataConfig, ModelConfig, apply_dict, data_paths, preset, read_yaml_mapping,
+                      validate)
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_write_bytes, atomic_write_json, read_jsonl
 
@@ -139,12 +140,12 @@ def _shape_name(shape: dict, m: ModelConfig) -> str:
 
 def plan(grid: Grid, out_dir: str | Path, data: str | None = None) -> list[RunSpec]:
     """One validated config per (shape, budget); run folders are ``out_dir/runs/<name>``."""
-    from ..data.shards import ShardDataset
+    from ..data.mix import open_shards
 
-    data = data or grid.data
-    if not data:
+    paths = data_paths(DataConfig(path=data or grid.data))  # one folder, "a,b", or a YAML list
+    if not paths:
         raise ConfigError(f"{grid.path}: no data: set 'data:' in the grid or pass --data DIR")
-    ds = ShardDataset(data)
+    ds = open_shards(paths)
     seq_len = ds.seq_len
     specs, seen = [], {}
     for i, shape in enumerate(grid.shapes):
@@ -161,7 +162,7 @@ def plan(grid: Grid, out_dir: str | Path, data: str | None = None) -> list[RunSp
                                   f"and shapes[{i}]); give the shapes distinct 'name:' fields or budgets "
                                   f"that round to different step counts")
             seen[name] = i
-            cfg.data.path, cfg.train.max_steps = str(data), steps
+            cfg.data.path, cfg.train.max_steps = ",".join(paths), steps
             cfg.train.out_dir = str(Path(out_dir) / "runs" / name)
             try:
                 validate(cfg)
