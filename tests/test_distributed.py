@@ -70,3 +70,18 @@ def test_checkpoint_from_two_ranks_resumes_on_one(data, reference, tmp_path):
     ref, got = curve(reference), curve(tmp_path)
     assert len(got) == 6
     assert max(abs(a - b) for a, b in zip(ref, got)) < 1e-4, (ref, got)
+
+
+def test_weighted_mix_on_two_ranks_matches_one(data, tmp_path):
+    """Two folders mixed 1:3: two DDP ranks see the global batches one process sees, so the
+    loss curve and each source's val loss agree."""
+    other = write_shards(tmp_path / "other", n_seq=40, seed=7)
+    mix = [*COMMON, "data.weights=1,3"]
+    run(["--data", f"{data},{other}", "--out", str(tmp_path / "one"), *mix])
+    run(["--data", f"{data},{other}", "--out", str(tmp_path / "two"), *mix, "train.parallel=ddp"], nproc=2)
+    one, two = curve(tmp_path / "one"), curve(tmp_path / "two")
+    assert len(one) == len(two) == 6 and max(abs(a - b) for a, b in zip(one, two)) < 1e-4, (one, two)
+    keys = [k for k in read_jsonl(tmp_path / "one" / "metrics.jsonl")[-1] if k.startswith("val_loss/")]
+    assert len(keys) == 2, keys  # one val loss per source
+    for key in keys:
+        assert abs(curve(tmp_path / "one", key)[-1] - curve(tmp_path / "two", key)[-1]) < 1e-4
