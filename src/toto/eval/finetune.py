@@ -222,6 +222,7 @@ class FinetuneJob:
     device: str = "auto"
     frames: int = 16
     stride: int = 4
+    clip: str = "center"  # which window of a longer video: center | first
     max_per_class: int | None = None
     resume: bool = False
     until: int | None = None  # stop after this epoch (with a checkpoint); the schedule keeps `epochs`
@@ -245,7 +246,7 @@ class FinetuneJob:
         if len(ds.classes) < 2:
             raise DataError(f"{self.data}: fine-tuning a classifier needs at least 2 classes, found "
                             f"{len(ds.classes)} ({ds.classes})")
-        spec = SequenceSpec(ds.kind, self.frames, self.stride)
+        spec = SequenceSpec(ds.kind, self.frames, self.stride, self.clip)
         src = resolve_checkpoint(self.checkpoint)
         model, mcfg, src_state = load_model(src, device)
         layout = check_compatible(mcfg.model, src_state, tok, spec, str(src))

@@ -308,6 +308,7 @@ class ProbeJob:
     batch_size: int = 32
     frames: int = 16
     stride: int = 4
+    clip: str = "center"  # which window of a longer video: center | first
     max_per_class: int | None = None
     probe: ProbeConfig | None = None
     progress: bool = True
@@ -332,7 +333,7 @@ class ProbeJob:
         device = resolve_device(self.device)
         tok = get_tokenizer(self.tokenizer, device=str(device))
         ds = scan_dataset(self.data, self.max_per_class)
-        spec = SequenceSpec(ds.kind, self.frames, self.stride)
+        spec = SequenceSpec(ds.kind, self.frames, self.stride, self.clip)
         ckpt_dir = resolve_checkpoint(self.checkpoint)
         model, cfg, state = load_model(ckpt_dir, device)
         layout = check_compatible(cfg.model, state, tok, spec, str(ckpt_dir))
