@@ -24,6 +24,7 @@ COMMANDS = {
     "finetune": "finetune",
     "track": "track",
     "forecast": "forecast",
+    "anticipate": "anticipate",
     "scaling": "scaling",
     "coordcheck": "coordcheck",
     "export": "export",
