@@ -20,13 +20,13 @@ prediction list is empty contributes no ground truth (its objects are not counte
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ..data.sta import load_json
 from ..errors import DataError
 
 CHALLENGE = "ego4d_short_term_object_interaction_anticipation"
@@ -140,16 +140,6 @@ def sta_map(pairs, top_k: int = 5, iou_threshold: float = 0.5, ttc_threshold: fl
 
 # --- the official script's input checks -------------------------------------------------------
 
-def _load_json(path: str | Path, what: str):
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{what} {path}: no such file")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path}: not valid JSON ({e})") from None
-
-
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -220,8 +210,8 @@ def validate_annotations(ann, where: str) -> list[dict]:
 
 def evaluate_files(results_path: str | Path, annotations_path: str | Path, top_k: int = 5) -> dict:
     """``evaluate_short_term_anticipation_results.py RESULTS ANNOTATIONS``: the four mAPs."""
-    annotations = validate_annotations(_load_json(annotations_path, "annotations"), str(annotations_path))
-    results = _load_json(results_path, "results")
+    annotations = validate_annotations(load_json(annotations_path, "annotations"), str(annotations_path))
+    results = load_json(results_path, "results")
     validate_results(results, annotations, str(results_path))
     res = results["results"]
     pairs = []
