@@ -26,6 +26,7 @@ COMMANDS = {
     "forecast": "forecast",
     "anticipate": "anticipate",
     "scaling": "scaling",
+    "synth": "synth",
     "coordcheck": "coordcheck",
     "export": "export",
     "params": "params",

@@ -1,0 +1,1 @@
+"""Synthetic datasets rendered on any machine (CATER-style scenes with MuJoCo)."""
