@@ -11,8 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from toto.synth.cater import (EXTENT, SNITCH_BALL, SceneConfig, cell_of, generate, plan_scene,
-                              render_scene)
+from toto.data.cater import cell_of
+from toto.synth.cater import EXTENT, SNITCH_BALL, SceneConfig, generate, plan_scene, render_scene
 
 
 def gold_mask(rgb: np.ndarray) -> np.ndarray:

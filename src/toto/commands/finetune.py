@@ -45,8 +45,8 @@ def add_arguments(p):
     p.add_argument("--cache", help="token cache folder (default: OUT/tokens); reruns reuse it")
     p.add_argument("--frames", type=int, default=16, help="frames per video sequence (default 16, as in pre-training)")
     p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
-    p.add_argument("--clip", choices=("center", "first"), default="center",
-                   help="which FRAMES-frame window of a longer video (default center, the usual single-clip test)")
+    p.add_argument("--clip", choices=("center", "first", "last"), default="center",
+                   help="which FRAMES-frame window of a longer video (default center, the usual single-clip test; last: the one ending at the last frame, for CATER)")
     p.add_argument("--max-per-class", type=int, help="use at most this many samples per class and split")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 

@@ -29,7 +29,21 @@ def add_arguments(p):
                          "(repeatable)")
     ki.add_argument("--max-per-class", type=int, help="keep at most this many found clips per class (CSV order)")
     ki.add_argument("--out", required=True, help="list file to write, e.g. ROOT/val.txt")
-    for q in (im, ki):
+    ca = sub.add_parser("cater", help="CATER snitch localisation: the release's lists/localize/{train,val}.txt",
+                        description="Check the videos of a CATER release (or of `toto synth cater`) named by "
+                                    "lists/localize/{train,val}.txt and write OUT/{train,val}.txt for toto probe / "
+                                    "finetune (use --clip last: the label is the snitch's cell at the last frame), "
+                                    "plus OUT/cater.json (hidden-at-end and last-seen cell per video, from scenes/). "
+                                    "Missing, unreadable or too-short videos and labels outside 0..35 are counted, "
+                                    "named in the report and left out.")
+    ca.add_argument("--root", required=True, help="an unpacked CATER variant: videos/, lists/, optional scenes/")
+    ca.add_argument("--out", required=True, help="folder for train.txt, val.txt, cater.json")
+    ca.add_argument("--frames", type=int, default=16, help="frames per sequence the probe will sample (default 16)")
+    ca.add_argument("--stride", type=int, default=None,
+                    help="source frames between sampled frames (default: the largest whose window fits the first "
+                         "listed video, 20 for 16 frames of CATER's 301)")
+    ca.add_argument("--task", default="localize", help="lists/ subfolder (default localize; localize_4x4 ... too)")
+    for q in (im, ki, ca):
         q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -38,6 +52,8 @@ def run(args) -> int:
     from ..errors import ConfigError
 
     progress = not args.no_progress
+    if args.dataset == "cater":
+        return run_cater(args, progress)
     if args.dataset == "imagenet":
         if args.ground_truth and not args.meta:
             raise ConfigError("--ground-truth needs --meta (the devkit's meta.mat)")
@@ -76,3 +92,22 @@ def print_summary(rep: dict, out: Path, report_path: Path) -> None:
     print(f"toto lists {rep['kind']}: wrote {out} ({rep['listed']} samples)")
     for name, text in lines:
         print(f"  {name:<25} {text}")
+
+
+def run_cater(args, progress: bool) -> int:
+    from ..data import cater
+
+    stride = args.stride
+    if stride is None:
+        stride = cater.stride_for(Path(args.root), args.task, args.frames)
+    summary = cater.cater_lists(args.root, args.out, args.frames, stride, args.task, progress)
+    print(f"toto lists cater: wrote {args.out}/train.txt, val.txt ({args.frames} frames, stride {stride}: "
+          f"the last {summary['window_source_frames']} source frames of each video)")
+    for split, c in summary["splits"].items():
+        left = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in ("missing", "unreadable", "short", "bad_label") if c[k])
+        print(f"  {split:<6} {c['kept']} of {c['rows']} videos" + (f" (left out: {left}; see {split}.txt.report.json)"
+                                                                     if left else ""))
+    hidden = [v["hidden"] for v in summary["videos"].values() if "hidden" in v]
+    if hidden:
+        print(f"  scenes: snitch hidden at the end in {sum(hidden)} of {len(hidden)} videos")
+    return 0

@@ -140,13 +140,14 @@ def scan_dataset(root: str | Path, max_per_class: int | None = None) -> Labelled
 
 # -- media -> token sequences -----------------------------------------------------------------
 
-CLIPS = ("center", "first")
+CLIPS = ("center", "first", "last")
 
 
 @dataclass(frozen=True)
 class SequenceSpec:
     """How a sample becomes model input: media kind, frames per video, temporal stride, and
-    which window of a longer video (``center``: the middle one, the usual single-clip test)."""
+    which window of a longer video (``center``: the middle one, the usual single-clip test;
+    ``last``: the one ending at the video's last frame, where CATER's label is)."""
 
     kind: str
     frames: int = 16
@@ -167,6 +168,8 @@ def read_frames(path: Path, spec: SequenceSpec, resolution: int) -> np.ndarray:
     """``frames: (F, R, R, 3) uint8`` of one sample (F = 1 for an image); DataError if unreadable."""
     if spec.kind == "image":
         return read_image(path, resolution)[None]
+    if spec.clip == "last":
+        return _last(path, spec, resolution)
     kept = iter_video(path, spec.stride, resolution)
     if spec.clip == "center":
         kept = _middle(kept, spec.frames, frame_count_hint(path), spec.stride)
@@ -174,6 +177,15 @@ def read_frames(path: Path, spec: SequenceSpec, resolution: int) -> np.ndarray:
     if window is None:
         raise DataError(f"{path}: no decodable video frames")
     return window
+
+
+def _last(path: Path, spec: SequenceSpec, resolution: int) -> np.ndarray:
+    """The ``frames`` frames ``stride`` apart that end at the last decoded frame (padded at the
+    start by repeating the first when the video is too short)."""
+    span = (spec.frames - 1) * spec.stride + 1
+    tail = list(collections.deque(iter_video(path, 1, resolution), maxlen=span))
+    window = tail[::-1][::spec.stride][::-1]
+    return np.stack([window[0]] * (spec.frames - len(window)) + window)
 
 
 def _middle(kept, length: int, n_frames: int | None, stride: int):

@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..data.cater import cell_of
 from ..errors import ConfigError, TotoError
 
-GRID = 6  # cells per side of the label grid; CATER's localize task
 EXTENT = 3.0  # objects live on [-EXTENT, EXTENT]^2
 MIN_DIST = 0.25
 MOVE_MIN, MOVE_MAX = 20, 30
@@ -62,14 +62,6 @@ SHAPES = ("cube", "sphere", "cylinder", "cone")
 MATERIALS = ("rubber", "metal")
 SNITCH_SIZE = 0.3
 SNITCH_BALL = 0.22  # radius of the snitch's ball; it rests on the floor
-
-
-def cell_of(x: float, y: float) -> int:
-    """CATER's localize class of a floor point: row ``floor(y) + 3``, column ``floor(x) + 3``,
-    clipped to the grid (objects can end a hair outside [-3, 3])."""
-    col = min(max(int(math.floor(x)) + GRID // 2, 0), GRID - 1)
-    row = min(max(int(math.floor(y)) + GRID // 2, 0), GRID - 1)
-    return row * GRID + col
 
 
 @dataclass
@@ -492,8 +484,9 @@ def render_scene(plan: Plan, cam: np.ndarray, cfg: SceneConfig) -> tuple[np.ndar
         r.close()
     cover = plan.snitch_cover()
     snitch = plan.pos[0]
-    seen = [k for k, p in enumerate(pixels) if p > 0]
-    last_seen = seen[-1] if seen else 0
+    covered = [cover[f] is not None for f in ids]
+    uncovered = [k for k, c in enumerate(covered) if not c] or [0]
+    visible = [k for k, p in enumerate(pixels) if p > 0] or [0]
     end = cfg.scene_frames
     meta = {
         "objects": [{"shape": o.shape, "size": o.size, "sized": o.sized, "material": o.material, "color": o.color,
@@ -509,11 +502,13 @@ def render_scene(plan: Plan, cam: np.ndarray, cfg: SceneConfig) -> tuple[np.ndar
         "snitch_pixels": pixels,
         "snitch_visible_last": pixels[-1] > 0,
         "container_last": None if cover[end] is None else plan.objects[cover[end]].instance,
-        "snitch_covered": [cover[f] is not None for f in ids],
+        "snitch_covered": covered,
         "containment_events": sum(1 for *_, snitch_in in plan.covered if snitch_in),
         "contain_events": len(plan.covered),
-        "last_seen_frame": last_seen,
-        "last_seen_cell": cell_of(*snitch[ids[last_seen], :2]),
+        # the oracle's guess: where the snitch was last not under a cone (as for the real release)
+        "last_seen_cell": cell_of(*snitch[ids[uncovered[-1]], :2]),
+        # and where it last had a pixel on screen (other objects can hide it too)
+        "last_visible_cell": cell_of(*snitch[ids[visible[-1]], :2]),
     }
     return np.stack(frames), meta
 
