@@ -46,15 +46,15 @@ def hand_path(verb: int, target: np.ndarray, direction: np.ndarray, speed: float
               t: np.ndarray) -> np.ndarray:
     """Hand centre at frames ``t``: reaches ``target`` at frame ``contact`` (and stays there)."""
     remaining = np.maximum(contact - t, 0).astype(np.float64)
-    if verb == 2:  # stop-and-go: moves at 2x speed for 4 frames, rests 4 frames (same mean speed)
-        phase = np.mod(remaining, 8)
-        dist = (remaining // 8) * 8 * speed + np.minimum(phase, 4) * 2 * speed
+    if verb == 2:  # stop-and-go: moves at 2x speed for 6 frames, rests 6 frames (same mean speed)
+        phase = np.mod(remaining, 12)
+        dist = (remaining // 12) * 12 * speed + np.minimum(phase, 6) * 2 * speed
     else:
         dist = remaining * speed
     pos = target[None, :] - direction[None, :] * dist[:, None]
     if verb == 1:  # sideways wiggle, zero at contact
         perp = np.array([-direction[1], direction[0]])
-        pos = pos + perp[None, :] * (6.0 * np.sin(2 * np.pi * remaining / 8))[:, None]
+        pos = pos + perp[None, :] * (10.0 * np.sin(2 * np.pi * remaining / 12))[:, None]
     return pos
 
 

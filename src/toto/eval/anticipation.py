@@ -3,8 +3,9 @@ Sec. 4 / Table 7): the Ego4D FRCNN+SlowFast design with SlowFast replaced by Tot
 
     context frames (T x R x R) -> tokenizer -> [start] + T*h*w codes -> Toto
     residual stream at 5 layers (``pyramid_layers``: 0 = embeddings, then evenly up to the last
-    block, e.g. 0,1,2,3,4 for 4 blocks, 0,3,6,9,12 for 12), each as a (h, w) grid of the last
-    frame's tokens concatenated with the grid averaged over the T frames (2D channels)
+    block, e.g. 0,1,2,3,4 for 4 blocks, 0,3,6,9,12 for 12), each layer-normed and laid out as an
+    (h, w) grid of [last frame's tokens, tokens averaged over the T frames, last minus first
+    frame's tokens] (3D channels)
       -> ``Pyramid``: a 1x1 projection per layer to C channels, the shallowest layers at the
          finer scales (x2, x1), the deepest at the coarser ones (x1, 1/2, 1/4), fused top-down as
          in an FPN (upsample + add, then a 3x3 conv per level)
@@ -41,6 +42,7 @@ from .sta_metric import CHALLENGE, VERSION, Objects, box_iou, sta_map
 
 MODES = ("frozen", "finetune")
 SCALES = (2.0, 1.0, 1.0, 0.5, 0.25)  # pyramid level scale of each tapped layer, shallow -> deep
+GRID_PARTS = 3  # per token: last frame, mean over frames, last minus first frame
 
 
 def pyramid_layers(n_layers: int) -> list[int]:
@@ -59,7 +61,8 @@ class StaConfig:
     batch_size: int = 16
     lr: float = 1e-3  # heads
     trunk_lr: float = 1e-4  # fine-tuning only
-    weight_decay: float = 0.01
+    weight_decay: float = 0.05
+    dropout: float = 0.3  # the heads see few examples
     ntp_weight: float = 0.5  # fine-tuning only
     channels: int = 64
     hidden: int = 256
@@ -81,7 +84,7 @@ class StaConfig:
 # --- the head -----------------------------------------------------------------------------------
 
 class Pyramid(nn.Module):
-    """Five (B, 2D, h, w) grids -> five fused (B, C, h_k, w_k) maps (scales ``SCALES``)."""
+    """Five (B, 3D, h, w) grids -> five fused (B, C, h_k, w_k) maps (scales ``SCALES``)."""
 
     def __init__(self, in_dim: int, channels: int):
         super().__init__()
@@ -112,17 +115,17 @@ class StaHead(nn.Module):
     def __init__(self, dim: int, grid: tuple[int, int], n_nouns: int, n_verbs: int, cfg: StaConfig):
         super().__init__()
         self.grid, self.n_nouns, self.roi_size = grid, n_nouns, cfg.roi_size
-        self.pyramid = Pyramid(2 * dim, cfg.channels)
+        self.pyramid = Pyramid(GRID_PARTS * dim, cfg.channels)
         roi_dim = len(SCALES) * cfg.channels * cfg.roi_size ** 2
         extra = 4 + 1 + n_nouns + cfg.channels  # box geometry, detection score, noun, global context
-        self.mlp = nn.Sequential(nn.Linear(roi_dim + extra, cfg.hidden), nn.GELU(),
-                                 nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
+        self.mlp = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(roi_dim + extra, cfg.hidden), nn.GELU(),
+                                 nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, cfg.hidden), nn.GELU())
         self.verb = nn.Linear(cfg.hidden, n_verbs)
         self.ttc = nn.Linear(cfg.hidden, 1)
 
     def forward(self, grids: list[torch.Tensor], rois: torch.Tensor, det_scores: torch.Tensor,
                 det_nouns: torch.Tensor):
-        """``grids``: 5 x (B, 2D, h, w); ``rois: (K, 5)`` [image, x1, y1, x2, y2] in units of the
+        """``grids``: 5 x (B, 3D, h, w); ``rois: (K, 5)`` [image, x1, y1, x2, y2] in units of the
         frame divided by its size (0..1) -> verb logits (K, V), TTC (K,)."""
         maps = self.pyramid(grids)
         gh, gw = self.grid
@@ -145,8 +148,8 @@ class StaHead(nn.Module):
 
 def trunk_grids(model, tokens: torch.Tensor, layers: list[int], frames: int, grid: tuple[int, int],
                 with_ntp: bool, pad: int):
-    """One Toto pass over ``tokens: (B, 2 + T*h*w)`` -> 5 grids (B, 2D, h, w) [last frame's tokens,
-    mean over frames] and, with ``with_ntp``, the next-token loss of the sequence."""
+    """One Toto pass over ``tokens: (B, 2 + T*h*w)`` -> 5 grids (B, 3D, h, w) [last frame's tokens,
+    mean over frames, last minus first] and, with ``with_ntp``, the next-token loss of the sequence."""
     from ..train.trainer import shift_targets
 
     inputs, targets = shift_targets(tokens, pad)
@@ -167,7 +170,7 @@ def trunk_grids(model, tokens: torch.Tensor, layers: list[int], frames: int, gri
         codes = states[l][:, 1:1 + frames * h * w].float()  # code positions
         codes = F.layer_norm(codes, codes.shape[-1:])  # layers differ in scale; the heads see unit scale
         codes = codes.reshape(codes.shape[0], frames, h, w, -1)
-        g = torch.cat([codes[:, -1], codes.mean(1)], -1)  # (B, h, w, 2D)
+        g = torch.cat([codes[:, -1], codes.mean(1), codes[:, -1] - codes[:, 0]], -1)  # (B, h, w, 3D)
         grids.append(g.permute(0, 3, 1, 2).contiguous())
     return grids, ntp
 
