@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from toto.cli import main
 from toto.data.sta import Detection, StaObject, StaRecord
-from toto.data.sta_synth import make_sta_release
+from toto.synth.sta import make_sta_release
 from toto.eval.anticipation import Pyramid, StaConfig, prepare, pyramid_layers
 from toto.data.sta import StaExample
 

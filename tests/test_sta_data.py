@@ -13,7 +13,7 @@ import pytest
 
 from toto.cli import main
 from toto.data.sta import context_indices, load_examples, read_annotations, read_detections
-from toto.data.sta_synth import HAND, make_sta_release
+from toto.synth.sta import HAND, make_sta_release
 from toto.errors import DataError
 
 
@@ -23,7 +23,7 @@ def release(tmp_path_factory):
     v2 = make_sta_release(root / "v2", n_train=3, n_val=4, n_test=1, width=64, height=64, context=10,
                           max_ttc_frames=8, version="v2", seed=1)
     v1 = root / "v1"
-    assert main(["anticipate", "synth", "--out", str(v1), "--train", "2", "--val", "2", "--test", "1",
+    assert main(["synth", "sta", "--out", str(v1), "--train", "2", "--val", "2", "--test", "1",
                  "--width", "64", "--height", "64", "--context", "10", "--layout", "v1", "--seed", "2",
                  "--no-progress"]) == 0
     return v1, v2

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-HELP = "Ego4D short-term anticipation: the official top-5 mAP, generated STA data, train/predict"
+HELP = "Ego4D short-term anticipation: the official top-5 mAP, train, predict"
 
 
 def add_arguments(p):
@@ -14,27 +14,18 @@ def add_arguments(p):
                                     "'ego4d_short_term_object_interaction_anticipation', results {uid: [...]}")
     ev.add_argument("annotations", help="annotation JSON with 'annotations': [{uid, objects}]")
     ev.add_argument("--json", metavar="OUT", help="also write the four numbers here")
-    for name in ("synth", "train", "predict"):
-        mod = _action_module(name)
-        if mod is not None:
-            q = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
-            mod.add_arguments(q)
+    from . import anticipate_predict, anticipate_train
 
-
-def _action_module(name: str):
-    import importlib
-
-    try:
-        return importlib.import_module(f"toto.commands.anticipate_{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"toto.commands.anticipate_{name}":
-            raise
-        return None
+    for name, mod in (("train", anticipate_train), ("predict", anticipate_predict)):
+        q = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(q)
 
 
 def run(args) -> int:
     if args.action != "eval":
-        return _action_module(args.action).run(args)
+        from . import anticipate_predict, anticipate_train
+
+        return {"train": anticipate_train, "predict": anticipate_predict}[args.action].run(args)
     from ..eval.sta_metric import NAMES, PAPER_NAMES, SHORT_NAMES, evaluate_files
     from ..ioutil import atomic_write_json
 

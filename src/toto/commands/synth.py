@@ -1,8 +1,8 @@
-"""`toto synth`: synthetic datasets rendered on any machine (today: CATER-style scenes)."""
+"""`toto synth`: synthetic datasets rendered on any machine (CATER-style scenes, STA releases)."""
 
 from __future__ import annotations
 
-HELP = "render synthetic datasets (CATER-style object-permanence scenes with MuJoCo)"
+HELP = "synthetic datasets: CATER-style object-permanence scenes (MuJoCo), Ego4D-style STA releases"
 
 
 def add_arguments(p):
@@ -23,9 +23,28 @@ def add_arguments(p):
                    help="at most this many objects move per segment (2: CATER's max2action; default: all)")
     c.add_argument("--val-fraction", type=float, default=0.3, help="share of clips in val.txt (default 0.3, as CATER)")
     c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s = sub.add_parser("sta", help="an Ego4D-style STA release: fho_sta_*.json (v1/v2), clips, object_detections.json",
+                       description="Write a generated short-term anticipation release in the Ego4D layout: "
+                                   "objects, a hand whose motion is the verb, exact times to contact, noisy "
+                                   "detections.")
+    s.add_argument("--out", required=True, help="release folder to write")
+    s.add_argument("--train", type=int, default=64, help="train clips (one annotated frame each)")
+    s.add_argument("--val", type=int, default=32, help="val clips")
+    s.add_argument("--test", type=int, default=8, help="unannotated test clips")
+    s.add_argument("--width", type=int, default=96)
+    s.add_argument("--height", type=int, default=64)
+    s.add_argument("--fps", type=float, default=30.0)
+    s.add_argument("--context", type=int, default=24, help="frames before the annotated frame")
+    s.add_argument("--layout", choices=["v1", "v2"], default="v2", help="video_id (v1) or video_uid (v2) keys")
+    s.add_argument("--noun-error", type=float, default=0.1, help="chance a detection's noun is random")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--no-progress", action="store_true")
+
 
 
 def run(args) -> int:
+    if args.dataset == "sta":
+        return run_sta(args)
     from ..synth.cater import SceneConfig, generate
 
     cfg = SceneConfig(frames=args.frames, scene_frames=args.scene_frames, camera=args.camera,
@@ -36,4 +55,20 @@ def run(args) -> int:
             if stats["rendered_now"] else "nothing left to render")
     print(f"{stats['videos']} clips in {args.out} ({stats['already_done']} already there, "
           f"{stats['rendered_now']} rendered in {stats['wall_s']} s: {rate}; peak RSS {stats['peak_rss_mib']} MiB)")
+    return 0
+
+
+def run_sta(args) -> int:
+    from ..synth.sta import make_sta_release
+    from ..errors import ConfigError
+
+    if args.width % 2 or args.height % 2 or args.width < 64 or args.height < 64:
+        raise ConfigError("--width/--height must be even and >= 64 (H.264 clips, three objects and a hand)")
+    if min(args.train, args.val, args.test) < 0 or args.context < 1:
+        raise ConfigError("--train/--val/--test must be >= 0 and --context >= 1")
+    out = make_sta_release(args.out, args.train, args.val, args.test, args.width, args.height, args.fps,
+                           args.context, version=args.layout, noun_error=args.noun_error, seed=args.seed,
+                           progress=not args.no_progress)
+    print(f"wrote {out}/annotations/fho_sta_{{train,val,test_unannotated}}.json, {out}/clips, "
+          f"{out}/object_detections.json")
     return 0

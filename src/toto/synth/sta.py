@@ -122,7 +122,7 @@ def make_sta_release(out: str | Path, n_train: int = 64, n_val: int = 32, n_test
     """Write the release under ``out``; returns ``out``. Each clip holds one annotated frame."""
     from tqdm import tqdm
 
-    from .video import write_video
+    from ..data.video import write_video
 
     if version not in ("v1", "v2"):
         raise ValueError(f"version must be v1 or v2, got {version}")
