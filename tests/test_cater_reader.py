@@ -57,7 +57,8 @@ def release(tmp_path):
         "CATER_new_000001.avi 33\nCATER_new_000002.avi 0\nCATER_new_000004.avi 7\n"  # 4: missing
         "CATER_new_000005.avi 8\nCATER_new_000003.avi 35\n")
     (root / "lists" / "localize" / "val.txt").write_text(
-        "CATER_new_000006.avi 14\nCATER_new_000008.avi 36\nCATER_new_000007.avi 2\n")  # 8: label out of range
+        "CATER_new_000006.avi 35\nCATER_new_000008.avi 36\nCATER_new_000007.avi 33\n"  # 8: label out of range
+        "CATER_new_000003.avi 14\n")  # no train video in cell 14
     # video 1: medium cone covers the snitch at 50, the large cone covers both at 100, the large one
     # is lifted away at 150, the medium cone then slides the hidden snitch from cell 14 to cell 33
     (root / "scenes" / "CATER_new_000001.json").write_text(json.dumps(cater_scene(
@@ -80,14 +81,17 @@ def test_reader_counts_and_names_every_left_out_video(release, tmp_path):
     assert [(l.split("\t")[0].rsplit("/", 1)[1], l.split("\t")[1]) for l in train] == [
         ("CATER_new_000001.avi", "33"), ("CATER_new_000002.avi", "0"), ("CATER_new_000003.avi", "35")]
     val = (out / "val.txt").read_text().splitlines()
-    assert len(val) == 1 and val[0].endswith("CATER_new_000006.avi\t14")
-    assert s["splits"]["train"] == {"rows": 5, "kept": 3, "missing": 1, "unreadable": 1, "short": 0, "bad_label": 0}
-    assert s["splits"]["val"] == {"rows": 3, "kept": 1, "missing": 0, "unreadable": 0, "short": 1, "bad_label": 1}
+    assert len(val) == 1 and val[0].endswith("CATER_new_000006.avi\t35")
+    assert s["splits"]["train"] == {"rows": 5, "kept": 3, "missing": 1, "unreadable": 1, "short": 0, "bad_label": 0,
+                                       "label_not_in_train": 0}
+    assert s["splits"]["val"] == {"rows": 4, "kept": 1, "missing": 0, "unreadable": 0, "short": 1, "bad_label": 1,
+                                  "label_not_in_train": 1}
     rep = json.loads((out / "train.txt.report.json").read_text())
     assert rep["missing"]["items"][0].endswith("CATER_new_000004.avi")
     assert rep["unreadable"]["items"][0].endswith("CATER_new_000005.avi")
     rep = json.loads((out / "val.txt.report.json").read_text())
     assert "CATER_new_000008.avi" in rep["bad_label"]["items"][0] and rep["short"]["items"][0].endswith("000007.avi")
+    assert "CATER_new_000003.avi label 14" in rep["label_not_in_train"]["items"][0]
     videos = {k.rsplit("/", 1)[1]: v for k, v in json.loads((out / "cater.json").read_text())["videos"].items()}
     assert videos["CATER_new_000001.avi"] == {"split": "train", "label": 33, "hidden": True, "last_seen_cell": 14,
                                               "container": "Cone_1"}

@@ -132,6 +132,10 @@ def test_finetune_end_to_end_metrics_match_an_independent_evaluation(tmp_path, c
     assert recs[-1]["val_ce"] == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
     assert recs[-1]["val_ntp"] == pytest.approx(float(ntp), rel=1e-5)
     assert recs[-1]["val_top1"] == pytest.approx(float((logits.argmax(1) == labels).float().mean()))
+    pred = np.load(out / "val_predictions.npz")  # per-sample logits of the last evaluation, in list order
+    assert [Path(p).name for p in pred["paths"]] == [Path(p).name for p in sorted(data.glob("val/c*/*.png"))]
+    np.testing.assert_allclose(pred["logits"], logits.numpy(), rtol=1e-4, atol=1e-5)
+    assert pred["labels"].tolist() == labels.tolist() and pred["classes"].tolist() == ["c0", "c1"]
     # and the trunk did move away from the pre-trained weights
     src, now = _weights(_latest(run)), _weights(ckpt)
     assert all(not torch.equal(src[k], now[k]) for k in src)

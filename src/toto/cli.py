@@ -27,6 +27,7 @@ COMMANDS = {
     "anticipate": "anticipate",
     "scaling": "scaling",
     "synth": "synth",
+    "cater": "cater",
     "coordcheck": "coordcheck",
     "export": "export",
     "params": "params",

@@ -104,7 +104,7 @@ def run_cater(args, progress: bool) -> int:
     print(f"toto lists cater: wrote {args.out}/train.txt, val.txt ({args.frames} frames, stride {stride}: "
           f"the last {summary['window_source_frames']} source frames of each video)")
     for split, c in summary["splits"].items():
-        left = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in ("missing", "unreadable", "short", "bad_label") if c[k])
+        left = ", ".join(f"{c[k]} {k.replace('_', ' ')}" for k in ("missing", "unreadable", "short", "bad_label", "label_not_in_train") if c[k])
         print(f"  {split:<6} {c['kept']} of {c['rows']} videos" + (f" (left out: {left}; see {split}.txt.report.json)"
                                                                      if left else ""))
     hidden = [v["hidden"] for v in summary["videos"].values() if "hidden" in v]

@@ -15,7 +15,9 @@ from the movements: a ``_contain`` covers from its last frame, a ``_pick_place``
 cone uncovers from its first frame).
 
 Videos named by the lists but missing, unreadable, shorter than the sampled window, or with a
-label outside 0..35 are counted, named in the report, and left out; a malformed line is an error.
+label outside 0..35 are counted, named in the report, and left out, and so are val videos whose
+cell no kept train video has (none in a real split; a small generated set can have some); a
+malformed line is an error.
 """
 
 from __future__ import annotations
@@ -170,15 +172,18 @@ def cater_lists(root: str | Path, out: str | Path, frames: int, stride: int, tas
     scenes = root / "scenes"
     summary = {"root": str(root), "task": task, "frames": frames, "stride": stride,
                "window_source_frames": need, "splits": {}}
-    per_video = {}
+    per_video, train_labels = {}, set()
     for split in SPLITS:
         list_file = root / "lists" / task / f"{split}.txt"
         rows = read_cater_list(list_file)
         entries = []
-        skipped = {"missing": [], "unreadable": [], "short": [], "bad_label": []}
+        skipped = {"missing": [], "unreadable": [], "short": [], "bad_label": [], "label_not_in_train": []}
         for name, label, n in tqdm(rows, desc=f"checking {split} videos", disable=not progress, unit=" videos"):
             if not label.isdigit() or not 0 <= int(label) < CLASSES:
                 skipped["bad_label"].append(f"{list_file}:{n}: {name} label {label!r} (expected 0..{CLASSES - 1})")
+                continue
+            if split == "val" and int(label) not in train_labels:  # a probe cannot learn a cell never seen
+                skipped["label_not_in_train"].append(f"{list_file}:{n}: {name} label {label}")
                 continue
             path = videos / name
             why = check_video(path, need)
@@ -186,6 +191,8 @@ def cater_lists(root: str | Path, out: str | Path, frames: int, stride: int, tas
                 skipped[why].append(str(path))
                 continue
             entries.append((path, str(int(label))))
+            if split == "train":
+                train_labels.add(int(label))
             scene = scenes / (Path(name).stem + ".json")
             info = {"split": split, "label": int(label)}
             if scene.is_file():

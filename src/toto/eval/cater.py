@@ -66,3 +66,124 @@ def format_table(rows: dict[str, dict]) -> str:
     lines = [f"| {name} | " + " | ".join(cells(m["all"]) + cells(m.get("hidden")) + cells(m.get("visible"))) + " |"
              for name, m in rows.items()]
     return head + "\n".join(lines) + "\n"
+
+
+# -- the evaluation: frozen probe and fine-tuning (CE + next-token loss) vs random init vs oracle --
+
+def random_init_checkpoint(src, out_dir) -> "Path":
+    """A step-0 checkpoint of ``src``'s architecture with fresh weights (the Trainer's seeding
+    rule), so the random-init baseline runs through exactly the same code as the trained model."""
+    import torch
+
+    from ..model.llama import Toto
+    from ..train.checkpoint import latest_checkpoint, load_model, save_checkpoint
+
+    done = latest_checkpoint(out_dir)
+    if done is not None:
+        return done
+    _, cfg, state = load_model(src, "cpu")
+    torch.manual_seed(cfg.train.seed)
+    return save_checkpoint(out_dir, 0, Toto(cfg.model), cfg, {**state, "step": 0}, keep=1)
+
+
+def scores_by_cell(pred) -> tuple[np.ndarray, np.ndarray]:
+    """A ``val_predictions.npz`` -> ``(scores (N, 36), labels (N,))`` indexed by grid cell (the
+    probe's classes are the label texts present in train, in sorted order)."""
+    cells = np.array([int(c) for c in pred["classes"]])
+    scores = np.full((len(pred["logits"]), CLASSES), -np.inf, dtype=np.float64)
+    scores[:, cells] = pred["logits"]
+    return scores, cells[pred["labels"]]
+
+
+def frozen_probe(ckpt, tokenizer: str, data, out, frames: int, stride: int, layer: int | None, epochs: int,
+                 batch_size: int, device: str, progress: bool) -> int:
+    """An attentive probe on one layer of the frozen model (features cached once, as toto probe
+    does); writes ``out/val_predictions.npz`` like toto finetune and returns the layer."""
+    from pathlib import Path
+
+    from ..device import resolve_device
+    from ..tokenizers.base import get_tokenizer
+    from ..train.checkpoint import load_model
+    from .features import FeatureExtractor, SequenceSpec, check_compatible, file_identity, scan_dataset
+    from .finetune import write_predictions
+    from .probe import ProbeConfig, predict, train_probe
+
+    out = Path(out)
+    dev = resolve_device(device)
+    tok = get_tokenizer(tokenizer, device=str(dev))
+    ds = scan_dataset(data)
+    spec = SequenceSpec(ds.kind, frames, stride, "last")
+    model, cfg, state = load_model(ckpt, dev)
+    layout = check_compatible(cfg.model, state, tok, spec, str(ckpt))
+    layer = cfg.model.n_layers // 2 if layer is None else layer
+    ident = {"model": {"checkpoint": file_identity(Path(ckpt) / "model.safetensors")},
+             "tokenizer": {**tok.identity(), "file": file_identity(tokenizer)}}
+    feats, _ = FeatureExtractor(model, layout, tok, spec, [layer], ident, dev, batch_size=batch_size,
+                                progress=progress).run(ds, out / "features")
+    pcfg = ProbeConfig(epochs=epochs)
+    _, probe = train_probe(feats["train"].layer(layer), feats["train"].labels, feats["val"].layer(layer),
+                           feats["val"].labels, len(ds.classes), "attentive", pcfg, cfg.model.n_heads, dev)
+    logits = predict(probe, feats["val"].layer(layer), pcfg.batch_size, dev)
+    paths = [str(ds.splits["val"][int(i)].path) for i in feats["val"].samples()]
+    write_predictions(out / "val_predictions.npz", logits, feats["val"].labels.numpy(), paths, ds.classes)
+    return layer
+
+
+def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, stride: int = 2,
+             layer: int | None = None, probe_epochs: int = 10, finetune_epochs: int = 3,
+             random_init: bool = True, batch_size: int = 8, device: str = "auto", progress: bool = True,
+             finetune_cfg: dict | None = None) -> dict:
+    """Frozen attentive probe (features cached once, as toto probe) and fine-tuning (CE +
+    next-token loss) of ``checkpoint`` and, with ``random_init``, of the same architecture at
+    random init, on the last ``frames`` frames of each video of ``data`` (``toto lists cater``'s
+    folder); the oracle from its ``cater.json``. Writes ``out/results.json`` and ``results.md``;
+    each run resumes from its own checkpoints."""
+    import json
+    from pathlib import Path
+
+    from ..ioutil import atomic_write_bytes, atomic_write_json
+    from ..train.checkpoint import latest_checkpoint, resolve_checkpoint
+    from .finetune import FinetuneConfig, FinetuneJob
+
+    out, data = Path(out), Path(data)
+    meta_path = data / "cater.json"
+    if not meta_path.is_file():
+        from ..errors import DataError
+
+        raise DataError(f"{data}: no cater.json; make the folder with toto lists cater")
+    videos = {Path(k).name: v for k, v in json.loads(meta_path.read_text())["videos"].items()}
+    models = {"trained": resolve_checkpoint(checkpoint)}
+    if random_init:
+        models["random_init"] = random_init_checkpoint(models["trained"], out / "random_init_model")
+    rows, report = {}, {"data": str(data), "frames": frames, "stride": stride, "clip": "last", "runs": {}}
+    val_names = None
+    for name, ckpt in models.items():
+        for mode, epochs in (("frozen", probe_epochs), ("finetuned", finetune_epochs)):
+            if epochs <= 0:
+                continue
+            d = out / f"{name}_{mode}"
+            if mode == "frozen":
+                used = frozen_probe(ckpt, tokenizer, data, d, frames, stride, layer, epochs, batch_size, device,
+                                    progress)
+            else:
+                cfg = FinetuneConfig(**{**(finetune_cfg or {}), "epochs": epochs, "layer": layer,
+                                        "batch_size": batch_size})
+                job = FinetuneJob(str(ckpt), tokenizer, str(data), d, cfg, cache=str(out / "tokens"),
+                                  device=device, frames=frames, stride=stride, clip="last", progress=progress,
+                                  resume=latest_checkpoint(d) is not None)
+                used = job.run()["finetune"]["layer"]
+            pred = np.load(d / "val_predictions.npz")
+            scores, labels = scores_by_cell(pred)
+            names = [Path(p).name for p in pred["paths"]]
+            val_names = names
+            m = localization_metrics(scores, labels, [videos.get(n, {}).get("hidden") for n in names])
+            rows[f"{name}, {mode}"] = m
+            report["runs"][f"{name}_{mode}"] = {"metrics": m, "layer": used, "epochs": epochs,
+                                                "checkpoint": str(ckpt)}
+    if val_names is not None and any("last_seen_cell" in videos.get(n, {}) for n in val_names):
+        rows["oracle: last place seen"] = report["oracle"] = oracle_metrics([videos[n] for n in val_names
+                                                                             if n in videos])
+    report["table"] = format_table(rows)
+    atomic_write_json(out / "results.json", report)
+    atomic_write_bytes(out / "results.md", report["table"].encode())
+    return report

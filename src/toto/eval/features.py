@@ -301,12 +301,19 @@ class SplitFeatures:
     labels: torch.Tensor  # (N,) int64
 
     def layer(self, i: int) -> torch.Tensor:
+        return self._load(f"layer{i}")
+
+    def samples(self) -> torch.Tensor:
+        """``(N,)`` index of each row into the split's samples (unreadable files have no row)."""
+        return self._load("sample")
+
+    def _load(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
 
         parts = []
         for name in self.chunks:
             with safe_open(str(self.cache / name), framework="pt") as f:
-                parts.append(f.get_tensor(f"layer{i}"))
+                parts.append(f.get_tensor(key))
         return torch.cat(parts)
 
 

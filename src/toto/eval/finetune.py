@@ -184,7 +184,8 @@ def _batch(split: SplitTokens, idx, device) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def evaluate(model, probe: Probe, split: SplitTokens, layer: int, batch_size: int, device, dtype: str,
              pad: int, progress: bool = False) -> dict:
-    """Val top-1/top-5, probe cross-entropy and next-token NLL (token-weighted) of a split."""
+    """Val top-1/top-5, probe cross-entropy and next-token NLL (token-weighted) of a split, and
+    the per-sample ``logits (N, C)`` (not JSON: saved apart as val_predictions.npz)."""
     from ..train.trainer import autocast_for, shift_targets
 
     was_training = model.training, probe.training
@@ -206,7 +207,27 @@ def evaluate(model, probe: Probe, split: SplitTokens, layer: int, batch_size: in
     y = torch.from_numpy(split.labels)
     return {"top1": topk_accuracy(logits, y, 1),
             "top5": topk_accuracy(logits, y, 5) if logits.shape[1] > 5 else None,
-            "ce": float(F.cross_entropy(logits, y)), "ntp": ntp_sum / max(ntp_n, 1)}
+            "ce": float(F.cross_entropy(logits, y)), "ntp": ntp_sum / max(ntp_n, 1), "logits": logits}
+
+
+def save_predictions(path: Path, logits: torch.Tensor, split: SplitTokens, ds, name: str) -> None:
+    """``logits (N, C)``, ``labels (N,)``, the samples' ``paths`` (the split's readable files, in
+    order) and the ``classes`` (index -> label text) of the latest evaluation, for task metrics
+    beyond top-k (e.g. toto.eval.cater)."""
+    bad = {x["path"] for x in split.skipped}
+    paths = [str(s.path) for s in ds.splits[name] if str(s.path) not in bad]
+    if len(paths) != len(split.labels):
+        raise DataError(f"{path}: {len(paths)} readable samples but {len(split.labels)} predictions")
+    write_predictions(path, logits, split.labels, paths, ds.classes)
+
+
+def write_predictions(path: Path, logits: torch.Tensor, labels, paths: list[str], classes: list[str]) -> None:
+    """One ``.npz`` (atomically): logits, labels, paths, classes."""
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, logits=logits.numpy(), labels=np.asarray(labels), paths=np.array(paths), classes=np.array(classes))
+    atomic_write_bytes(path, buf.getvalue())
 
 
 # -- the whole job: checkpoint + tokenizer + dataset -> fine-tuned checkpoint and results -------
@@ -352,6 +373,7 @@ class FinetuneJob:
                 tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  val top-1 "
                            f"{100 * val['top1']:.1f}%  val CE {val['ce']:.4f}  val NTP {val['ntp']:.4f}")
             self._save(model, probe, opt, mcfg, src_state, layout, run_id, epoch, step)
+            save_predictions(self.out / "val_predictions.npz", val["logits"], data["val"], ds, "val")
             self._write_results(report)
         return self._write_results(report, plot=True)
 

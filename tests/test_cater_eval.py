@@ -1,0 +1,71 @@
+"""`toto cater` end to end on a small generated set: every number in results.json recomputed
+from the saved per-clip predictions and the scene files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from toto.data.cater import cater_lists
+from toto.eval.cater import localization_metrics
+from toto.synth.cater import SceneConfig, generate
+
+
+def test_cater_eval_end_to_end(tmp_path, capsys):
+    from toto.cli import main
+    from toto.config import build_config
+    from toto.model.llama import Toto
+    from toto.tokenizers.patch import PatchTokenizer
+    from toto.train.checkpoint import save_checkpoint
+    from toto.data.video import read_video
+    from toto.vocab import N_SPECIAL
+
+    gen = tmp_path / "gen"
+    generate(gen, 10, SceneConfig(frames=4, width=32, height=32), seed=1, val_fraction=0.4, progress=False)
+    lists = gen / "lists" / "localize"  # a pipeline check: every val clip also in train, so its cell is known
+    (lists / "train.txt").write_text((lists / "train.txt").read_text() + (lists / "val.txt").read_text())
+    cater_lists(gen, tmp_path / "lists", frames=4, stride=1, progress=False)
+    frames = np.concatenate([read_video(p, 1, 16) for p in sorted((gen / "videos").glob("*.avi"))[:4]])
+    PatchTokenizer.fit(frames, n_codes=8, patch=8, resolution=16, seed=0).save(tmp_path / "tok.safetensors")
+    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
+                                      f"model.vocab_size={8 + N_SPECIAL}", "model.max_seq_len=32"])
+    torch.manual_seed(123)  # not the Trainer's seed: the random-init baseline must differ from it
+    save_checkpoint(tmp_path / "run", 5, Toto(cfg.model), cfg, {"tokens": 0})
+    out = tmp_path / "eval"
+    args = ["cater", "--checkpoint", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok.safetensors"),
+            "--data", str(tmp_path / "lists"), "--out", str(out), "--frames", "4", "--stride", "1",
+            "--probe-epochs", "1", "--finetune-epochs", "1", "--batch-size", "4", "--no-progress"]
+    assert main(args) == 0
+    assert "oracle: last place seen" in capsys.readouterr().out
+    rep = json.loads((out / "results.json").read_text())
+    assert set(rep["runs"]) == {"trained_frozen", "trained_finetuned", "random_init_frozen", "random_init_finetuned"}
+    scenes = {p.stem + ".avi": json.loads(p.read_text()) for p in (gen / "scenes").glob("*.json")}
+    val = [l.split()[0] for l in (lists / "val.txt").read_text().splitlines()]
+    for run, entry in rep["runs"].items():
+        pred = np.load(out / run / "val_predictions.npz")
+        names = [Path(p).name for p in pred["paths"]]
+        assert sorted(names) == sorted(val)
+        cells = np.array([int(c) for c in pred["classes"]])
+        guess = cells[pred["logits"].argmax(1)]
+        truth = np.array([scenes[n]["label"] for n in names])
+        assert np.array_equal(cells[pred["labels"]], truth)
+        assert entry["metrics"]["all"]["top1"] == float((guess == truth).mean())
+        l1 = np.abs(guess // 6 - truth // 6) + np.abs(guess % 6 - truth % 6)
+        assert abs(entry["metrics"]["all"]["l1"] - l1.mean()) < 1e-9
+        hidden = [scenes[n]["snitch_covered"][-1] for n in names]
+        assert entry["metrics"]["hidden"]["n"] == sum(hidden)
+    truth = [scenes[n]["label"] for n in val]
+    oracle = [scenes[n]["last_seen_cell"] for n in val]
+    assert rep["oracle"] == localization_metrics(oracle, truth, [scenes[n]["snitch_covered"][-1] for n in val])
+    visible = [o == t for o, t, n in zip(oracle, truth, val) if not scenes[n]["snitch_covered"][-1]]
+    assert all(visible)  # an uncovered snitch is where it was last seen
+    # the random-init baseline is a fresh model of the same architecture, not the checkpoint
+    from safetensors.torch import load_file
+    from toto.train.checkpoint import latest_checkpoint
+
+    a = load_file(str(latest_checkpoint(tmp_path / "run") / "model.safetensors"))
+    b = load_file(str(latest_checkpoint(out / "random_init_model") / "model.safetensors"))
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
