@@ -43,7 +43,7 @@ def test_loss_plot(tmp_path):
 def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
     out = tmp_path / "qs"
     args = ["quickstart", "--out", str(out), "--moving-digits", "6", "--steps", "4", "--probe-epochs", "2",
-            "--probe-max-per-class", "4", "--finetune-epochs", "2", "--no-progress"]
+            "--probe-max-per-class", "4", "--finetune-epochs", "2", "--cater-clips", "0", "--no-progress"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
     for section in ("## Data", "## Tokenizer", "## Pre-training", "## Attentive probing", "## Fine-tuning",

@@ -40,6 +40,7 @@ class QuickstartOptions:
     probe_epochs: int = 20
     probe_max_per_class: int | None = None
     finetune_epochs: int = 5  # 0 skips fine-tuning
+    cater_clips: int = 48  # CATER-style clips for the object-permanence stage (0 skips; needs toto[sim])
     overrides: list[str] = field(default_factory=list)
     fresh: bool = False
     progress: bool = True
@@ -65,7 +66,7 @@ class Quickstart:
         self.log = log
         self.paths = {name: self.o.out / name for name in
                       ("media", "tokenizer", "shards", "run", "probe", "probe_random", "finetune", "davis",
-                       "track", "track_pixels", "track_copy", "forecast")}
+                       "track", "track_pixels", "track_copy", "forecast", "cater")}
         self.tok_file = Path(self.o.tokenizer) if self.o.tokenizer else self.o.out / "tokenizer.safetensors"
         self.timings: dict[str, float] = {}
 
@@ -203,6 +204,32 @@ class Quickstart:
                   "--video", *videos, "--context-frames", ctx, "--frames", n, "--stride", self.o.stride,
                   "--top-k", 10, "--out", self.paths["forecast"])
 
+    def stage_cater(self) -> None:
+        """Object permanence on a small generated CATER-style set: frozen probe and one epoch of
+        fine-tuning vs random init vs the last-seen oracle (toto cater), and a strip of a clip
+        whose snitch is carried under a cone."""
+        d = self.paths["cater"]
+        if self.o.preset != "tiny" or self.o.cater_clips <= 0:
+            self.log("cater: skipped (tiny preset only; --cater-clips 0)")
+            return
+        try:
+            from .synth.cater import import_mujoco
+
+            import_mujoco()
+        except TotoError as e:
+            self.log(f"cater: skipped ({e})")
+            return
+        self._cli("synth", "cater", "--out", d / "clips", "--videos", self.o.cater_clips, "--frames", self.o.frames,
+                  "--width", self.o.resolution, "--height", self.o.resolution, "--seed", 0)
+        self._cli("lists", "cater", "--root", d / "clips", "--out", d / "lists", "--frames", self.o.frames,
+                  "--stride", 1)
+        self._cli("cater", "--checkpoint", self.paths["run"], "--tokenizer", self.tok_file, "--data", d / "lists",
+                  "--out", d / "eval", "--frames", self.o.frames, "--stride", 1, "--probe-epochs", 20,
+                  "--finetune-epochs", 1)
+        from .synth.cater import carried_strip
+
+        carried_strip(d / "clips", d / "carried.png")
+
     def stage_report(self) -> None:
         from .report import write_report
 
@@ -223,6 +250,7 @@ class Quickstart:
              p["finetune"] / "finetune.png"),
             ("track", "label-propagation tracking (J&F)", p["track"] / "results.json"),
             ("forecast", "forecast held-out clips", p["forecast"] / "forecast.json"),
+            ("cater", "object permanence on generated CATER-style clips", p["cater"] / "eval" / "results.json"),
             ("report", "write the report", None),
         ]
 

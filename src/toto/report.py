@@ -176,6 +176,20 @@ def write_report(qs) -> Path:
         for item in fc["items"]:
             lines += [f"![forecast {item['name']}]({_rel(p['forecast'] / item['files']['strip'], root)})", ""]
 
+    cater = _load(p["cater"] / "eval" / "results.json")
+    if cater:
+        lines += ["## Object permanence (CATER-style clips)", "",
+                  f"{qs.o.cater_clips} clips rendered with MuJoCo (`toto synth cater`): predict the cell of a 6x6 "
+                  f"floor grid holding the golden snitch at the last of {cater['frames']} frames, often under a "
+                  "cone that carried it. Frozen attentive probe and one epoch of fine-tuning (CE + next-token "
+                  "loss) of the pre-trained model vs the same at random init, and the oracle that answers where "
+                  "the snitch was last uncovered (`toto cater`). Val clips only, so few that the numbers are "
+                  "noise: this shows the pipeline runs, see docs/cater.md for a larger run.", "",
+                  cater["table"]]
+        if (p["cater"] / "carried.png").exists():
+            lines += ["A clip where a cone covers the snitch and carries it (red frames: snitch covered):", "",
+                      f"![carried]({_rel(p['cater'] / 'carried.png', root)})", ""]
+
     if qs.timings:
         lines += ["## Time per stage (this invocation)", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {k} | {v:.0f} |" for k, v in qs.timings.items()]

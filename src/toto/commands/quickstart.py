@@ -33,6 +33,8 @@ def add_arguments(p):
     p.add_argument("--probe-max-per-class", type=int, help="cap on probe images per class and split (default: all)")
     p.add_argument("--moving-digits", type=int, default=240, help="moving-digit clips made for the tiny "
                    "preset (default 240)")
+    p.add_argument("--cater-clips", type=int, default=80, help="CATER-style clips for the object-permanence "
+                   "stage (tiny preset; needs the sim extra and an offscreen GL; default 48, 0 skips it)")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="training config overrides")
@@ -46,7 +48,7 @@ def run(args) -> int:
                              probe_data=args.probe_data, davis=args.davis, resolution=args.resolution,
                              n_codes=args.n_codes, frames=args.frames, stride=args.stride, steps=args.steps,
                              probe_epochs=args.probe_epochs, probe_max_per_class=args.probe_max_per_class,
-                             finetune_epochs=args.finetune_epochs,
+                             finetune_epochs=args.finetune_epochs, cater_clips=args.cater_clips,
                              moving_digits=args.moving_digits, overrides=args.overrides, fresh=args.fresh,
                              progress=not args.no_progress)
     report = Quickstart(opts).run()

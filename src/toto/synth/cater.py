@@ -616,3 +616,35 @@ def write_lists(out: Path, videos: int, seed: int, val_fraction: float) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for split, rows in lines.items():
         atomic_write_bytes(d / f"{split}.txt", "".join(rows).encode())
+
+
+def carried_strip(root: str | Path, out: str | Path) -> str | None:
+    """A PNG strip of the first clip under ``root`` whose snitch moves while covered (carried by
+    a cone), covered frames framed in red; returns the clip's name (None when no clip has one)."""
+    import json
+
+    from PIL import Image
+
+    from ..data.video import read_video
+
+    root = Path(root)
+    for scene in sorted((root / "scenes").glob("*.json")):
+        meta = json.loads(scene.read_text())
+        snitch = meta["objects"][0]["locations"]
+        covered = meta["snitch_covered"]
+        at = [snitch[str(f)][:2] for f in meta["frame_ids"]]
+        carried = any(covered[k] and covered[k - 1] and np.hypot(*np.subtract(at[k], at[k - 1])) > 0.05
+                      for k in range(1, len(covered)))
+        if not carried:
+            continue
+        frames = read_video(root / "videos" / meta["video"], 1, 96)
+        tiles = []
+        for k, f in enumerate(frames[:len(covered)]):
+            f = f.copy()
+            if covered[k]:
+                f[:3], f[-3:], f[:, :3], f[:, -3:] = (255, 0, 0), (255, 0, 0), (255, 0, 0), (255, 0, 0)
+            tiles.append(f)
+        step = max(1, len(tiles) // 12)
+        Image.fromarray(np.concatenate(tiles[::step], 1)).save(out)
+        return meta["video"]
+    return None
