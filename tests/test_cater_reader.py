@@ -108,7 +108,7 @@ def test_reader_bad_input(release, tmp_path, capsys):
     assert len(err) == 1 and "val.txt:1" in err[0]
     with pytest.raises(DataError, match="no videos/"):
         cater_lists(tmp_path, tmp_path / "o", 4, 10)
-    (release / "lists" / "localize" / "val.txt").write_text("CATER_new_000004.avi 14\n")  # only a missing video
+    (release / "lists" / "localize" / "val.txt").write_text("CATER_new_000004.avi 33\n")  # only a missing video
     with pytest.raises(DataError, match="no usable video.*1 missing"):
         cater_lists(release, tmp_path / "o", 4, 10, progress=False)
 
