@@ -5,119 +5,36 @@ The official files are whole modules saved with ``torch.save`` (pickles of ``dal
 any function.  Here ``torch.load`` runs with a restricted unpickler instead: the only callables
 it will resolve are torch's tensor/parameter rebuild functions, storage types, ``torch.device``,
 ``OrderedDict`` and ``set``; every ``dall_e.*`` and ``torch.nn.*`` class becomes a plain
-``_Holder`` that just keeps its attribute dict.  Anything else in the pickle is refused.  From the
+holder that just keeps its attribute dict (``safe_pickle``).  Anything else in the pickle is refused.  From the
 holders we read the parameters under their module paths (``blocks.group_1.block_1...``) and the
 hyper-parameters from the weight shapes.
 """
 
 from __future__ import annotations
 
-import pickle
-import types
-import warnings
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from ..errors import DataError
 from .dvae import DVAEConfig, Decoder, DVAETokenizer, Encoder, load_state
+from .safe_pickle import holder_state_dict, restricted_load
 
 _ENCODER, _DECODER = "dall_e.encoder.Encoder", "dall_e.decoder.Decoder"
 
 
-class _Holder:
-    """Stands in for a pickled module class; keeps the object's state and its class name."""
-
-    _qualname = "?"
-
-    def __setstate__(self, state):
-        if isinstance(state, tuple):  # (dict, slots) form
-            state = {**(state[0] or {}), **(state[1] or {})}
-        self.__dict__.update(state)
-
-
-def _holder_class(qualname: str) -> type:
-    return type(qualname.rsplit(".", 1)[-1], (_Holder,), {"_qualname": qualname})
-
-
-def _device(*args):
-    return str(args[0]) if args else "cpu"
-
-
-_ALLOWED_TORCH_UTILS = {"_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_parameter",
-                        "_rebuild_parameter_with_state"}
-
-
-class _Unpickler(pickle.Unpickler):
-    where = ""
-
-    def find_class(self, module: str, name: str):
-        if module in ("__builtin__", "builtins") and name == "set":
-            return set
-        if module == "collections" and name == "OrderedDict":
-            return OrderedDict
-        if module == "torch._utils" and name in _ALLOWED_TORCH_UTILS:
-            return getattr(torch._utils, name)
-        if module == "torch" and name == "device":
-            return _device
-        if module == "torch" and (name.endswith("Storage") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return getattr(torch, name)
-        if module.startswith("dall_e.") or module.startswith("torch.nn.modules."):
-            return _holder_class(f"{module}.{name}")
-        raise DataError(f"{self.where}: refusing to load {module}.{name} from the pickle "
-                        f"(a dall-e encoder/decoder file holds only dall_e and torch.nn modules and tensors)")
-
-
-def _pickle_module(where: str) -> types.ModuleType:
-    """What ``torch.load(pickle_module=...)`` needs: ``Unpickler`` and ``load``."""
-    mod = types.ModuleType("toto_dalle_pickle")
-    unpickler = type("Unpickler", (_Unpickler,), {"where": where})
-    mod.Unpickler = unpickler
-    mod.load = lambda f, **kw: unpickler(f, **kw).load()
-    mod.__dict__.update({k: getattr(pickle, k) for k in ("UnpicklingError", "HIGHEST_PROTOCOL")})
-    return mod
-
-
-def _state_dict(obj, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and buffers of a holder tree, named as ``nn.Module.state_dict`` would."""
-    out = {}
-    d = vars(obj)
-    for k, v in (d.get("_parameters") or {}).items():
-        if v is not None:
-            out[prefix + k] = v.detach() if torch.is_tensor(v) else v
-    for k, v in (d.get("_buffers") or {}).items():
-        if v is not None and k not in (d.get("_non_persistent_buffers_set") or ()):
-            out[prefix + k] = v
-    for k, v in (d.get("_modules") or {}).items():
-        if v is not None:
-            out.update(_state_dict(v, f"{prefix}{k}."))
-    return out
-
-
 def read_dalle_pickle(path: str | Path, expect: str) -> tuple[dict[str, torch.Tensor], dict]:
     """``expect`` is "encoder" or "decoder" -> (state dict, attributes such as n_hid)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"dall-e {expect} file not found: {path}")
-    if path.stat().st_size == 0:
-        raise DataError(f"{path}: empty file, expected a dall-e {expect} (torch.save of dall_e.{expect.title()})")
-    try:
-        with warnings.catch_warnings():  # legacy-format files warn that the classes' source is unavailable
-            warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(str(path), map_location="cpu", pickle_module=_pickle_module(str(path)), weights_only=False)
-    except DataError:
-        raise
-    except Exception as e:  # torch raises many types for a non-pickle / truncated file
-        raise DataError(f"{path}: cannot be read as a torch.save file of a dall-e {expect} "
-                        f"({type(e).__name__}: {e})") from None
+    obj = restricted_load(path, f"dall-e {expect}",
+                          inert=("dall_e.", "torch.nn.modules."),
+                          hint="a dall-e encoder/decoder file holds only dall_e and torch.nn modules and tensors")
     want, other = (_ENCODER, _DECODER) if expect == "encoder" else (_DECODER, _ENCODER)
-    got = getattr(obj, "_qualname", None) or type(obj).__name__
+    got = getattr(obj, "qualname", None) or type(obj).__name__
     if got != want:
         hint = " (are --encoder and --decoder swapped?)" if got == other else ""
         raise DataError(f"{path}: holds a {got}, not a {want}{hint}")
     attrs = {k: v for k, v in vars(obj).items() if not k.startswith("_") and isinstance(v, (int, bool, str))}
-    return _state_dict(obj), attrs
+    return holder_state_dict(obj), attrs
 
 
 def _group_shape(sd: dict[str, torch.Tensor], where: str) -> tuple[int, int]:
