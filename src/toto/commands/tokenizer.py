@@ -1,11 +1,12 @@
-"""`toto tokenizer convert-dalle | train | info`: make and inspect tokenizer files."""
+"""`toto tokenizer convert-dalle | convert-vqgan | train | info | stats`: make and inspect tokenizer files."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-HELP = "make a tokenizer file (convert the DALL-E dVAE weights, or train a dVAE / patch codebook) or inspect one"
+HELP = ("make a tokenizer file (convert DALL-E dVAE or taming VQGAN weights, or train a dVAE / patch codebook), "
+        "inspect one, or measure its codebook coverage")
 
 
 def add_arguments(p):
@@ -21,10 +22,25 @@ def add_arguments(p):
     c.add_argument("--resolution", type=int, default=128, help="frame size the tokenizer is used at (default 128)")
     c.set_defaults(_action=_convert)
 
+    v = sub.add_parser("convert-vqgan", help="convert a taming-transformers VQGAN checkpoint (last.ckpt) into one "
+                                             "safetensors file",
+                       description="Convert a taming-transformers VQModel checkpoint (a PyTorch Lightning .ckpt, "
+                                   "e.g. the public ImageNet f16 models with 1024 or 16384 codes) into a toto "
+                                   "tokenizer file, keeping the encoder, quantizer and decoder. Reads the checkpoint "
+                                   "without Lightning or taming and without running code from it.")
+    v.add_argument("--checkpoint", required=True, metavar="CKPT", help="the Lightning checkpoint (last.ckpt)")
+    v.add_argument("--config", metavar="YAML", help="its model.yaml (optional: the architecture is also read "
+                                                    "from the weights; if given, both must agree)")
+    v.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
+    v.add_argument("--resolution", type=int, default=256,
+                   help="frame size the tokenizer is used at (default 256: a 16x16 grid at f16; 128 gives 8x8)")
+    v.set_defaults(_action=_convert_vqgan)
+
     t = sub.add_parser("train", help="train a tokenizer on frames from videos and images",
                        description="Train a dVAE (Gumbel-softmax, KL to a uniform prior, logit-Laplace loss) or fit "
                                    "a patch k-means codebook on frames pooled from the given media.")
-    t.add_argument("--kind", choices=("dvae", "patch"), default="dvae")
+    t.add_argument("--kind", choices=("dvae", "patch", "vqgan"), default="dvae",
+                   help="dvae (default) or patch; vqgan is not trainable here (use convert-vqgan)")
     t.add_argument("--media", nargs="+", required=True, metavar="PATH",
                    help="videos, images, folders (recursive) or .txt lists of them")
     t.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
@@ -53,6 +69,21 @@ def add_arguments(p):
     i.add_argument("file", metavar="FILE")
     i.set_defaults(_action=_info)
 
+    s = sub.add_parser("stats", help="codebook coverage of a tokenizer on media: codes used, perplexity, PSNR",
+                       description="Encode frames pooled from the media with the tokenizer (at its resolution), then "
+                                   "report the fraction of codes used, the perplexity of the code distribution, the "
+                                   "reconstruction PSNR, and optionally a plot of the sorted code frequencies.")
+    s.add_argument("file", metavar="TOKENIZER", help="a tokenizer file (any kind)")
+    s.add_argument("media", nargs="+", metavar="MEDIA", help="videos, images, folders (recursive) or .txt lists")
+    s.add_argument("--json", metavar="OUT", help="write the summary (and per-code counts) as JSON")
+    s.add_argument("--plot", metavar="PNG", help="plot code frequencies, sorted, log scale")
+    s.add_argument("--max-frames", type=int, default=256, help="frames pooled from the media (default 256)")
+    s.add_argument("--stride", type=int, default=4, help="keep one video frame every STRIDE (default 4)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    s.set_defaults(_action=_stats)
+
 
 def run(args) -> int:
     return args._action(args)
@@ -73,10 +104,29 @@ def _convert(args) -> int:
     return 0
 
 
+def _convert_vqgan(args) -> int:
+    from ..errors import ConfigError
+    from ..tokenizers.vqgan_convert import convert_vqgan
+
+    if args.resolution < 1:
+        raise ConfigError(f"--resolution must be positive, got {args.resolution}")
+    tok = convert_vqgan(args.checkpoint, args.config, resolution=args.resolution)
+    tok.save(args.out)
+    c = tok.cfg
+    print(f"wrote {args.out}: VQGAN with {c.n_embed} codes of dimension {c.embed_dim}, ch {c.ch} x "
+          f"{list(c.ch_mult)}, attention at {list(c.attn_resolutions)}, {tok.downsample}x downsampling, "
+          f"{tok.grid[0]}x{tok.grid[1]} codes per {c.resolution}px frame (weights {tok.fingerprint()})")
+    return 0
+
+
 def _train(args) -> int:
     from ..data.media import sample_frames
     from ..errors import ConfigError
 
+    if args.kind == "vqgan":
+        raise ConfigError("--kind vqgan: training a VQGAN is not implemented (it needs perceptual and adversarial "
+                          "losses and days on GPUs); convert a taming-transformers checkpoint with "
+                          "`toto tokenizer convert-vqgan --checkpoint last.ckpt --out vqgan.safetensors`")
     if args.kind == "dvae":  # validate options before the (slow) decoding
         from ..device import resolve_device
         from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
@@ -92,7 +142,8 @@ def _train(args) -> int:
     print(f"pooled {len(frames)} frames of {args.resolution}x{args.resolution} from {len(args.media)} input(s)")
     if args.kind == "patch":
         from ..tokenizers.patch import PatchTokenizer
-        from ..tokenizers.train_dvae import codebook_usage, psnr_uint8
+        from ..tokenizers.stats import codebook_usage
+        from ..tokenizers.train_dvae import psnr_uint8
 
         tok = PatchTokenizer.fit(frames, n_codes=args.n_codes, patch=args.patch, resolution=args.resolution,
                                  seed=args.seed)
@@ -117,4 +168,34 @@ def _info(args) -> int:
 
     tok = get_tokenizer(args.file)
     print(json.dumps(tok.identity(), indent=2))
+    return 0
+
+
+def _stats(args) -> int:
+    from ..data.media import sample_frames
+    from ..device import resolve_device
+    from ..errors import ConfigError
+    from ..ioutil import atomic_write_json
+    from ..tokenizers.base import get_tokenizer
+    from ..tokenizers.stats import code_stats, plot_code_frequencies
+
+    if args.max_frames < 1 or args.stride < 1:
+        raise ConfigError(f"--max-frames and --stride must be positive, got {args.max_frames} and {args.stride}")
+    tok = get_tokenizer(args.file, device=resolve_device(args.device))
+    frames = sample_frames([Path(m) for m in args.media], tok.resolution, args.max_frames, seed=args.seed,
+                           stride=args.stride)
+    summary, counts = code_stats(tok, frames, progress=not args.no_progress)
+    summary["tokenizer"] = str(args.file)
+    print(f"{args.file} ({tok.kind}, {tok.n_codes} codes) on {summary['frames']} frames of {tok.resolution}px "
+          f"({summary['positions']} positions): {summary['used']}/{tok.n_codes} codes used "
+          f"({100 * summary['usage']:.1f}%; at most {100 * summary['usage_bound']:.1f}% with this many positions), "
+          f"perplexity {summary['perplexity']:.1f}, PSNR {summary['psnr']:.2f} dB")
+    print(f"reference: {summary['reference']}")
+    if args.json:
+        atomic_write_json(args.json, {**summary, "counts": counts.tolist()})
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_code_frequencies(counts, args.plot, f"{Path(args.file).name}: {summary['used']}/{tok.n_codes} codes, "
+                                                 f"perplexity {summary['perplexity']:.0f}")
+        print(f"wrote {args.plot}")
     return 0

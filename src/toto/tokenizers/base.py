@@ -59,6 +59,16 @@ class Tokenizer(ABC):
         return {"kind": self.kind, "n_codes": self.n_codes, "downsample": self.downsample,
                 "resolution": self.resolution, "config": self.config()}
 
+    def check_codes(self, codes: np.ndarray, where: str = "codes") -> np.ndarray:
+        """``(N, h, w)`` integer codes in ``[0, n_codes)`` -> int64."""
+        codes = np.asarray(codes)
+        if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
+            raise DataError(f"{where}: expected (N, h, w) integer codes, got {codes.shape} {codes.dtype}")
+        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
+            raise DataError(f"{where}: codes must lie in [0, {self.n_codes}), got range "
+                            f"[{codes.min()}, {codes.max()}]")
+        return codes.astype(np.int64)
+
     def check_frames(self, frames: np.ndarray, where: str = "frames") -> np.ndarray:
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -104,7 +114,7 @@ def _import_builtin() -> None:
     """Importing the modules registers their classes."""
     import importlib
 
-    for mod in ("dvae", "patch"):
+    for mod in ("dvae", "patch", "vqgan"):
         try:
             importlib.import_module(f"toto.tokenizers.{mod}")
         except ModuleNotFoundError as e:

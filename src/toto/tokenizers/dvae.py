@@ -242,15 +242,6 @@ class DVAETokenizer(Tokenizer):
             return np.zeros((0, h * self.downsample, w * self.downsample, 3), np.uint8)
         return torch.cat(out).numpy()
 
-    def check_codes(self, codes: np.ndarray, where: str = "codes") -> np.ndarray:
-        codes = np.asarray(codes)
-        if codes.ndim != 3 or not np.issubdtype(codes.dtype, np.integer):
-            raise DataError(f"{where}: expected (N, h, w) integer codes, got {codes.shape} {codes.dtype}")
-        if codes.size and (codes.min() < 0 or codes.max() >= self.n_codes):
-            raise DataError(f"{where}: codes must lie in [0, {self.n_codes}), got range "
-                            f"[{codes.min()}, {codes.max()}]")
-        return codes.astype(np.int64)
-
     def _grid_of(self, frames: np.ndarray) -> tuple[int, int]:
         return frames.shape[1] // self.downsample, frames.shape[2] // self.downsample
 

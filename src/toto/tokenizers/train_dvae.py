@@ -43,6 +43,7 @@ from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json
 from ..train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from .dvae import LOGIT_LAPLACE_EPS, Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
+from .stats import codebook_usage
 
 
 @dataclass
@@ -144,14 +145,6 @@ def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
     """Mean over frames of the PSNR (dB, peak 255) of ``(N, H, W, 3)`` uint8 arrays."""
     mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
     return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
-
-
-def codebook_usage(codes: np.ndarray, n_codes: int) -> dict:
-    """Fraction of the codebook used, and the perplexity of the code histogram (exp entropy)."""
-    counts = np.bincount(codes.ravel(), minlength=n_codes)
-    p = counts[counts > 0] / counts.sum()
-    return {"used": int((counts > 0).sum()), "usage": float((counts > 0).mean()),
-            "perplexity": float(np.exp(-(p * np.log(p)).sum()))}
 
 
 def save_sample_grid(path: Path, originals: np.ndarray, recons: np.ndarray) -> None:
