@@ -1,6 +1,6 @@
 """The CUDA paths: bf16 autocast training with fused AdamW, SDPA's flash kernel on our attention
-layout, torch.compile of the training step, CUDA-graph decoding, FSDP2 and DDP on NCCL, and the
-dVAE in fp16. CI has no GPU, so these skip there; run them on a GPU machine with
+layout, torch.compile of the training step, CUDA-graph decoding, FSDP2 and DDP on NCCL, the
+dVAE in fp16 and the VQGAN on CUDA. CI has no GPU, so these skip there; run them on a GPU machine with
 ``python -m pytest tests/test_cuda.py`` (docs/performance.md lists what they showed)."""
 
 from __future__ import annotations
@@ -172,6 +172,24 @@ def test_dvae_fp16_codes_match_fp32():
     d_cpu, d_gpu = cpu.decode(c_cpu), gpu.decode(c_cpu)
     assert np.abs(d_cpu.astype(int) - d_gpu.astype(int)).mean() < 2.0
 
+
+
+def test_vqgan_cuda_matches_cpu_on_real_photos():
+    """The real-size f16 VQGAN (16384 codes, random weights) on CUDA in fp32 against the CPU on
+    real photos at 256 px: cuDNN (TF32 by default on Ampere+) only flips near-ties; written, not
+    yet run on a GPU."""
+    from conftest import photo_frames
+    from toto.tokenizers.vqgan import VQGANConfig, VQGANTokenizer
+
+    torch.manual_seed(0)
+    cpu = VQGANTokenizer(VQGANConfig())
+    gpu = VQGANTokenizer(VQGANConfig(), copy.deepcopy(cpu.model), device="cuda")
+    frames = photo_frames(256, 4, seed=0)
+    c_cpu, c_gpu = cpu.encode(frames), gpu.encode(frames)
+    assert c_gpu.shape == c_cpu.shape == (4, 16, 16)
+    assert (c_cpu == c_gpu).mean() > 0.9
+    d_cpu, d_gpu = cpu.decode(c_cpu[:1]), gpu.decode(c_cpu[:1])
+    assert np.abs(d_cpu.astype(int) - d_gpu.astype(int)).mean() < 2.0
 
 # -- evaluation on a GPU: online probing and fine-tuning (written after the H200 lease ended:
 #    not yet run on a GPU; the CPU twins in test_probe_online.py and test_finetune.py pass) --
