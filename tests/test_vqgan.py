@@ -309,6 +309,8 @@ def test_config_checkpoint_mismatch_names_the_field(tmp_path, monkeypatch, capsy
     (dict(double_z=True), "model.params.ddconfig.double_z is True"),
     (dict(ch=48), "model.params.ddconfig.ch gives 48 channels"),
     (dict(heads=4), "model.params.ddconfig.heads is not an option"),
+    (dict(ch_mult=4), "model.params.ddconfig.ch_mult must be a list, got 4"),
+    (dict(num_res_blocks=0), "model.params.ddconfig.num_res_blocks must be positive integer(s), got 0"),
 ])
 def test_unsupported_settings_name_the_field(tmp_path, monkeypatch, capsys, change, field):
     _, ckpt = small_ckpt(tmp_path, monkeypatch)

@@ -192,9 +192,11 @@ def _stats(args) -> int:
           f"perplexity {summary['perplexity']:.1f}, PSNR {summary['psnr']:.2f} dB")
     print(f"reference: {summary['reference']}")
     if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.json, {**summary, "counts": counts.tolist()})
         print(f"wrote {args.json}")
     if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_code_frequencies(counts, args.plot, f"{Path(args.file).name}: {summary['used']}/{tok.n_codes} codes, "
                                                  f"perplexity {summary['perplexity']:.0f}")
         print(f"wrote {args.plot}")

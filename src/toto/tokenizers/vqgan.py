@@ -68,19 +68,18 @@ class VQGANConfig:
         def bad(name: str, msg: str):
             raise ConfigError(f"{where}: {'' if name == 'resolution' else prefix}{CONFIG_NAMES[name]} {msg}")
 
-        self.ch_mult, self.attn_resolutions = tuple(self.ch_mult), tuple(self.attn_resolutions)
+        for name in ("ch_mult", "attn_resolutions"):
+            if not isinstance(getattr(self, name), (list, tuple)):
+                bad(name, f"must be a list, got {getattr(self, name)!r}")
+            setattr(self, name, tuple(getattr(self, name)))
+        if not self.ch_mult:
+            bad("ch_mult", "must list at least one level")
+        if not isinstance(self.resamp_with_conv, bool):
+            bad("resamp_with_conv", f"must be true or false, got {self.resamp_with_conv!r}")
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name == "resamp_with_conv":
-                if not isinstance(v, bool):
-                    bad(f.name, f"must be true or false, got {v!r}")
-                continue
-            vals = v if isinstance(v, tuple) else (v,)
-            if f.name == "attn_resolutions":
-                vals = v
-            elif f.name == "ch_mult" and not v:
-                bad(f.name, "must list at least one level")
-            if any(not isinstance(x, int) or isinstance(x, bool) or x < 1 for x in vals):
+            if f.name != "resamp_with_conv" and any(not isinstance(x, int) or isinstance(x, bool) or x < 1
+                                                   for x in (v if isinstance(v, tuple) else (v,))):
                 bad(f.name, f"must be positive integer(s), got {v!r}")
         if self.n_embed < 2:
             bad("n_embed", f"must be at least 2, got {self.n_embed}")
