@@ -133,3 +133,29 @@ def test_pyramid_layers_and_scales():
     assert StaConfig(mode="x").mode == "x"
     with pytest.raises(Exception, match="--mode"):
         StaConfig(mode="x").validate()
+
+
+def test_killed_run_resumes_exactly(setup, monkeypatch):
+    from toto.eval import anticipation
+
+    rel, tok, run, root = setup
+    args = (run, tok, rel / "annotations", rel / "clips", rel / "object_detections.json")
+    cfg = dict(frames=4, stride=2, epochs=2, batch_size=4)
+    whole = anticipation.train_job(*args, root / "whole", StaConfig(**cfg), False, "cpu", False)
+    real, calls = anticipation.atomic_write_bytes, []
+
+    def dies_after_first_epoch(path, data):
+        real(path, data)
+        calls.append(path)
+        raise KeyboardInterrupt  # the kill, right after epoch 1's state is on disk
+
+    monkeypatch.setattr(anticipation, "atomic_write_bytes", dies_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        anticipation.train_job(*args, root / "killed", StaConfig(**cfg), False, "cpu", False)
+    monkeypatch.setattr(anticipation, "atomic_write_bytes", real)
+    resumed = anticipation.train_job(*args, root / "killed", StaConfig(**cfg), False, "cpu", False)
+    assert len(calls) == 1 and resumed["history"] == whole["history"]
+    a, b = load_file(str(root / "whole" / "sta.safetensors")), load_file(str(root / "killed" / "sta.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(Exception, match="other settings"):
+        anticipation.train_job(*args, root / "killed", StaConfig(**{**cfg, "epochs": 3}), False, "cpu", False)

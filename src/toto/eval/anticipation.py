@@ -23,6 +23,7 @@ next-token loss when the trunk is fine-tuned (the paper's fine-tuning recipe).
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -384,6 +385,7 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
         if finetune:
             sta.model.load_state_dict(st["trunk"])
         opt.load_state_dict(st["optimizer"])
+        torch.set_rng_state(st["rng"])  # dropout draws: a resumed run continues the same sequence
         history, start = st["history"], st["epoch"]
     cached = None if finetune else sta.grids_cache(train, cfg.batch_size, progress)
     val_cached = None if finetune else sta.grids_cache(val, cfg.batch_size, progress)
@@ -413,12 +415,10 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
         if epoch + 1 == cfg.epochs or (epoch + 1) % 5 == 0:
             rec["val"] = score_results(sta.predict(val, val_ndet, val_cached), val)
         history.append(rec)
-        import io
-
         buf = io.BytesIO()
         torch.save({"config": asdict(cfg), "head": sta.head.state_dict(), "optimizer": opt.state_dict(),
                     "trunk": sta.model.state_dict() if finetune else None, "history": history,
-                    "epoch": epoch + 1}, buf)
+                    "epoch": epoch + 1, "rng": torch.get_rng_state()}, buf)
         atomic_write_bytes(state_path, buf.getvalue())
     return {"history": history, "val": history[-1].get("val") if history else None,
             "val_results": sta.predict(val, val_ndet, val_cached)}
