@@ -341,7 +341,9 @@ class VQGANTokenizer(Tokenizer):
 
     # -- storage ---------------------------------------------------------------------------
     def config(self) -> dict:
-        return {**asdict(self.cfg), "source": self.source}
+        """JSON-native (lists, not tuples), so a recorded identity compares equal to a fresh one."""
+        return {**{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.cfg).items()},
+                "source": self.source}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """taming's parameter names (``encoder.conv_in.weight``, ``quantize.embedding.weight``...)."""
