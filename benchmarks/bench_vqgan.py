@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import base_parser, markdown_table, setup, sync, write_results
+from benchmarks.common import base_parser, setup, sync, tables_markdown, write_results
 
 
 def clips() -> list[Path]:
@@ -117,9 +117,7 @@ def main() -> None:
                    "because no VQGAN weights are downloaded."]},
     ]
     path = write_results("bench_vqgan", device, tables, records, args.out)
-    md = "\n\n".join(f"### {t['title']}\n\n{markdown_table(t['columns'], t['rows'])}\n\n" + "\n\n".join(t["notes"])
-                     for t in tables)
-    path.with_suffix(".md").write_text(md + "\n")
+    path.with_suffix(".md").write_text(tables_markdown(tables))
     print(f"\nwrote {path} and {path.with_suffix('.md')}")
 
 

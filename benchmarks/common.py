@@ -323,11 +323,14 @@ def write_results(name: str, device: torch.device, tables: list[dict], records: 
     path = out / f"{name}.json"
     atomic_write_json(path, {"benchmark": name, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                              "machine": machine(device), "tables": tables, "records": records})
-    for t in tables:
-        print(f"\n### {t['title']}\n\n{markdown_table(t['columns'], t['rows'])}")
-        for note in t.get("notes", []):
-            print(f"\n{note}")
+    print("\n" + tables_markdown(tables))
     return path
+
+
+def tables_markdown(tables: list[dict]) -> str:
+    """The tables of a result, each with its title and notes, as Markdown."""
+    return "\n\n".join(f"### {t['title']}\n\n{markdown_table(t['columns'], t['rows'])}"
+                       + "".join(f"\n\n{n}" for n in t.get("notes", [])) for t in tables) + "\n"
 
 
 if __name__ == "__main__":
