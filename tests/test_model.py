@@ -120,3 +120,32 @@ def test_no_biases_and_untied_by_default():
     assert m.head.weight.data_ptr() != m.tok_emb.weight.data_ptr()
     t = Toto(tiny(tie_embeddings=True))
     assert t.head.weight.data_ptr() == t.tok_emb.weight.data_ptr()
+
+
+def test_forward_layers_and_stop_at_match_block_by_block():
+    """``forward(layers=, stop_at=)`` against the residual stream computed block by block by hand."""
+    torch.manual_seed(0)
+    m = Toto(tiny()).eval()
+    tokens = torch.randint(0, m.cfg.vocab_size, (2, 9))
+    targets = torch.randint(0, m.cfg.vocab_size, (2, 9))
+    cos, sin = m.rope_cos[:9], m.rope_sin[:9]
+    ref = [m.tok_emb(tokens)]
+    for block in m.layers:
+        ref.append(block(ref[-1], cos, sin))
+    logits_ref = m.head(m.norm(ref[-1])) * m.logit_scale
+    loss_ref = torch.nn.functional.cross_entropy(logits_ref.view(-1, logits_ref.shape[-1]), targets.view(-1))
+    with torch.no_grad():
+        (logits, loss), hidden = m(tokens, targets, layers=[0, 1])
+        assert sorted(hidden) == [0, 1]
+        torch.testing.assert_close(hidden[1], ref[1])
+        torch.testing.assert_close(logits, logits_ref)
+        torch.testing.assert_close(loss, loss_ref)
+        only = m(tokens, layers=[1], stop_at=1)
+        assert list(only) == [1]
+        torch.testing.assert_close(only[1], ref[1])
+    with pytest.raises(ValueError, match="beyond stop_at"):
+        m(tokens, layers=[2], stop_at=1)
+    with pytest.raises(ValueError, match="full depth"):
+        m(tokens, targets, stop_at=1)
+    with pytest.raises(ValueError, match="out of range"):
+        m(tokens, layers=[len(m.layers) + 1])

@@ -109,18 +109,18 @@ def test_all_layers_and_models_from_one_forward_per_batch(tmp_path):
 
     data, tok, run = _tiny_setup(tmp_path)
     calls, blocks = [], []
-    orig_blocks, orig_forward = Toto._blocks, Block.forward
+    orig_blocks, orig_forward = Toto.layer_stream, Block.forward
 
-    def counting_blocks(self, tokens, pos, upto):
+    def counting_blocks(self, tokens, upto, pos=None):
         calls.append((len(tokens), upto))
-        yield from orig_blocks(self, tokens, pos, upto)
+        yield from orig_blocks(self, tokens, upto, pos)
 
     def counting_forward(self, *a, **k):
         blocks.append(1)
         return orig_forward(self, *a, **k)
 
     epochs, bs = 3, 6
-    with mock.patch.object(Toto, "_blocks", counting_blocks), mock.patch.object(Block, "forward", counting_forward):
+    with mock.patch.object(Toto, "layer_stream", counting_blocks), mock.patch.object(Block, "forward", counting_forward):
         assert main(_args(run, tok, data, tmp_path / "o", "--online", "--layers", "0,1", "--random-init",
                           "--epochs", epochs, "--probe-batch-size", bs)) == 0
     n_train, n_val = 16, 8  # 17 train files, one broken

@@ -154,17 +154,11 @@ def trunk_grids(model, tokens: torch.Tensor, layers: list[int], frames: int, gri
     from ..train.trainer import shift_targets
 
     inputs, targets = shift_targets(tokens, pad)
-    deepest = len(model.layers) if with_ntp else max(layers)
-    states, x = {}, None
-    for i, x in enumerate(model._blocks(inputs, None, deepest)):  # TODO: the framework's public tap
-        if i in layers:
-            states[i] = x
     ntp = None
     if with_ntp:
-        logits = model.head(model.norm(x))
-        if model.logit_scale != 1.0:
-            logits = logits * model.logit_scale
-        ntp = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        (_, ntp), states = model(inputs, targets, layers=layers)
+    else:
+        states = model(inputs, layers=layers, stop_at=max(layers))
     h, w = grid
     grids = []
     for l in layers:

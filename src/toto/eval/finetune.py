@@ -149,18 +149,10 @@ def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, 
 def layer_and_ntp(model, inputs: torch.Tensor, targets: torch.Tensor, layer: int, with_ntp: bool):
     """One forward pass: the residual stream at ``layer`` ``(B, T, D)`` and, with ``with_ntp``,
     the mean next-token NLL (as ``Toto.forward``); without it the pass stops at ``layer``."""
-    upto = len(model.layers) if with_ntp else layer
-    hidden = x = None
-    for i, x in enumerate(model._blocks(inputs, None, upto)):
-        if i == layer:
-            hidden = x
     if not with_ntp:
-        return hidden, None
-    logits = model.head(model.norm(x))  # (B, T, V)
-    if model.logit_scale != 1.0:
-        logits = logits * model.logit_scale
-    ntp = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-    return hidden, ntp
+        return model(inputs, layers=[layer], stop_at=layer)[layer], None
+    (_, ntp), hidden = model(inputs, targets, layers=[layer])
+    return hidden[layer], ntp
 
 
 def loss_terms(model, probe: Probe, batch: torch.Tensor, labels: torch.Tensor, layer: int,

@@ -5,7 +5,7 @@ instead of cached features.
     token cache (toto.eval.finetune.tokenize_splits): (N, L) uint16 per split, [start] + codes + [end]
       -> a batch of ids (B, L - 1): the end token dropped, as the cached path feeds them
       -> per model (trained, random init): one no-grad forward up to the deepest requested layer
-         (Toto._blocks; bf16 autocast on GPU)
+         (Toto.layer_stream; bf16 autocast on GPU)
       -> at each requested layer: code_features (B, T, D) float16, the cached path's features
       -> one AdamW step for each probe (pooling) of that layer, before the next block runs
 
@@ -52,7 +52,7 @@ def layer_features(model, tokens: torch.Tensor, layers: list[int], device: torch
     from ..train.trainer import autocast_for
 
     want, deepest = set(layers), max(layers)
-    blocks = model._blocks(tokens, None, deepest)
+    blocks = model.layer_stream(tokens, deepest)
     for i in range(deepest + 1):
         with torch.no_grad(), autocast_for(device, dtype):
             x = next(blocks)  # (B, 1 + T, D): layer i's residual stream

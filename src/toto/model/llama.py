@@ -208,8 +208,10 @@ class Toto(nn.Module):
             raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds the model context "
                              f"max_seq_len={self.cfg.max_seq_len}")
 
-    def _blocks(self, tokens: torch.Tensor, pos: int | torch.Tensor | None, upto: int):
-        """Yield the residual stream after the embedding (layer 0) and after each block."""
+    def layer_stream(self, tokens: torch.Tensor, upto: int, pos: int | torch.Tensor | None = None):
+        """Yield the residual stream ``(B, T, dim)`` after the embedding (layer 0) and after each
+        block up to block ``upto``. Public so a caller can act between layers (the online probe
+        trains a layer's probes before the next block runs); most callers want ``forward``."""
         if torch.is_tensor(pos):  # one token at a tensor position (``generate(compile=True)``)
             if tokens.shape[1] != 1 or pos.shape != (1,):
                 raise ValueError(f"a tensor pos decodes one token: need tokens (B, 1) and pos (1,), got "
@@ -230,8 +232,14 @@ class Toto(nn.Module):
             yield x
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                pos: int | torch.Tensor | None = None):
-        """Logits ``(B, T, V)``; with ``targets: (B, T)`` also the mean NLL (ignore index -1).
+                pos: int | torch.Tensor | None = None, layers: list[int] | None = None,
+                stop_at: int | None = None):
+        """Logits ``(B, T, V)``; with ``targets: (B, T)`` the pair (logits, mean NLL, ignore index -1).
+
+        ``layers``: also return the residual stream ``(B, T, dim)`` at these layers (0 = the
+        embeddings, i = after block i, no final norm): the result becomes ``(out, {layer: x})``.
+        ``stop_at``: run only blocks ``1..stop_at`` and return just that dict (no head, no
+        logits); a frozen probe or a head on an inner layer pays for the layers it reads.
 
         ``pos`` switches to incremental decoding against the KV cache set up by
         ``setup_cache``: ``tokens`` sit at positions ``pos .. pos + T - 1``. A ``(1,)`` int64
@@ -240,28 +248,38 @@ class Toto(nn.Module):
         """
         if pos is not None and self.layers[0].attn.cache is None:
             raise RuntimeError("call setup_cache(batch, max_len) before decoding with pos=")
-        *_, x = self._blocks(tokens, pos, len(self.layers))
+        n = len(self.layers)
+        want = set(layers or ())
+        bad = sorted(l for l in want if not 0 <= l <= n)
+        if bad:
+            raise ValueError(f"layers {bad} out of range 0..{n}")
+        if stop_at is not None:
+            if not 0 <= stop_at <= n:
+                raise ValueError(f"stop_at={stop_at} out of range 0..{n}")
+            if targets is not None:
+                raise ValueError("stop_at skips the head: the next-token loss needs the full depth")
+            if want and max(want) > stop_at:
+                raise ValueError(f"layers {sorted(want)} lie beyond stop_at={stop_at}")
+        hidden, x = {}, None
+        for i, x in enumerate(self.layer_stream(tokens, n if stop_at is None else stop_at, pos)):
+            if i in want:
+                hidden[i] = x
+        if stop_at is not None:
+            return hidden
         logits = self.head(self.norm(x))
         if self.logit_scale != 1.0:  # muP only: otherwise skip a pass over (B, T, vocab) both ways
             logits = logits * self.logit_scale
-        if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        out = logits
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            out = (logits, loss)
+        return out if layers is None else (out, hidden)
 
     @torch.no_grad()
     def hidden_states(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
         """Residual stream ``(B, T, dim)`` at each requested layer (0 = embeddings, i = after
         block i, no final norm); stops after the deepest one asked for."""
-        bad = [l for l in layers if not 0 <= l <= len(self.layers)]
-        if bad:
-            raise ValueError(f"layers {bad} out of range 0..{len(self.layers)}")
-        want = set(layers)
-        out = {}
-        for i, x in enumerate(self._blocks(tokens, None, max(layers))):
-            if i in want:
-                out[i] = x
-        return out
+        return self.forward(tokens, layers=layers, stop_at=max(layers) if layers else 0)
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
         max_len = max_len or self.cfg.max_seq_len
