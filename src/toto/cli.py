@@ -25,6 +25,7 @@ COMMANDS = {
     "track": "track",
     "forecast": "forecast",
     "anticipate": "anticipate",
+    "robot": "robot",
     "scaling": "scaling",
     "synth": "synth",
     "cater": "cater",
