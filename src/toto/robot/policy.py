@@ -104,11 +104,13 @@ class TotoEncoder:
 
 
 class PixelCNN(nn.Module):
-    """A small conv net over the stacked context frames, trained end to end with the head (an
-    8x8 stride-4 stem as in DQN's Atari net, so 128 px stays cheap on a CPU)."""
+    """A small conv net over the stacked context frames, trained end to end with the head: frames
+    area-resized to ``size`` px (64: what a 64 px tokenizer sees too), an 8x8 stride-4 stem as in
+    DQN's Atari net, three stride-2 convs; cheap enough to train on a CPU."""
 
-    def __init__(self, context: int, width: int = 32):
+    def __init__(self, context: int, width: int = 32, size: int = 64):
         super().__init__()
+        self.size = size
         c = 3 * context
         self.net = nn.Sequential(
             nn.Conv2d(c, width, 8, 4, 2), nn.GroupNorm(8, width), nn.ReLU(),
@@ -122,6 +124,8 @@ class PixelCNN(nn.Module):
         """``frames: (B, k, H, W, 3) uint8`` -> ``(B, dim)``."""
         b, k, h, w, _ = frames.shape
         x = frames.permute(0, 1, 4, 2, 3).reshape(b, 3 * k, h, w).float() / 127.5 - 1
+        if (h, w) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="area")
         return self.net(x)
 
 
