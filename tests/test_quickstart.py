@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,12 +42,18 @@ def test_loss_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_end_to_end_and_reuse(tmp_path, capsys):
-    out = tmp_path / "qs"
-    args = ["quickstart", "--out", str(out), "--moving-digits", "6", "--steps", "4", "--probe-epochs", "2",
+def test_quickstart_end_to_end_and_reuse(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # --out relative to the working directory, as a user types it
+    out = tmp_path / "runs" / "qs"
+    args = ["quickstart", "--out", "runs/qs", "--moving-digits", "6", "--steps", "4", "--probe-epochs", "2",
             "--probe-max-per-class", "4", "--finetune-epochs", "2", "--cater-clips", "0", "--no-progress"]
     assert main(args) == 0
     report = (out / "report.md").read_text()
+    # every image link resolves relative to the report itself, not to where the command ran
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", report)
+    assert len(links) >= 7, links
+    for link in links:
+        assert not Path(link).is_absolute() and (out / link).is_file(), link
     for section in ("## Data", "## Tokenizer", "## Pre-training", "## Attentive probing", "## Fine-tuning",
                     "## Label-propagation", "## Forecasting"):
         assert section in report, section

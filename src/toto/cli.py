@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
-from .errors import ConfigError, TotoError
+# Thread policy (docs/performance.md, "Threads"): idle OpenMP threads sleep instead of spinning,
+# which costs little on free cores and avoids a 3-6x slow-down on a CPU shared with other jobs.
+# It must be in the environment before torch loads; a user's own setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .commands.argtypes import positive_int  # noqa: E402
+from .errors import user_error  # noqa: E402
 
 # subcommand -> module under toto.commands (listed in the order `toto --help` shows them)
 COMMANDS = {
@@ -35,10 +42,56 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """Every (sub)command's parser. A leaf command parses intermixed, so positionals (inputs,
+    ``section.field=value`` overrides) may sit on either side of options
+    (``toto train a.b=1 --out R c.d=2``); a parser with subcommands keeps argparse's rules."""
+
+    subcommands = None  # the _SubParsersAction when this parser has subcommands
+    _intermixing = False
+
+    def add_subparsers(self, **kwargs):
+        self.subcommands = super().add_subparsers(**kwargs)  # nested parsers get this class too
+        return self.subcommands
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self.subcommands is not None or self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True  # parse_known_intermixed_args calls parse_known_args twice
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+    def error(self, message):
+        """One line, exit 2 (argparse prints the whole usage first)."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def leaves(self):
+        """The parsers that run something (every command, every action of a grouped command)."""
+        if self.subcommands is None:
+            yield self
+            return
+        for child in dict.fromkeys(self.subcommands.choices.values()):
+            yield from child.leaves()
+
+
+def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """Options every runnable command takes, wherever they appear on the line."""
+    options = (("--threads", dict(type=positive_int, default=None, metavar="N",
+                                  help="torch CPU threads (default: see docs/performance.md, thread policy)")),
+               ("--no-progress", dict(action="store_true", help="hide progress bars")))
+    for flag, kwargs in options:
+        try:
+            p.add_argument(flag, **kwargs)
+        except argparse.ArgumentError:  # the command defines it itself (same meaning)
+            pass
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="toto", description="Autoregressive pre-training from videos.")
+    parser = Parser(prog="toto", description="Autoregressive pre-training from videos.")
     parser.add_argument("--version", action="version", version=f"toto {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, mod_name in COMMANDS.items():
@@ -50,18 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet; the README lists what exists
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
-        p.add_argument("--threads", type=int, default=None, metavar="N",
-                       help="torch CPU threads (default: torch's, one per core); on a CPU shared with other "
-                            "jobs 1 is often much faster, since small kernels stall on descheduled threads")
         p.set_defaults(_run=mod.run)
+    for leaf in parser.leaves():
+        add_common_arguments(leaf)
     return parser
 
 
 def set_threads(n: int | None) -> None:
     if n is None:
         return
-    if n < 1:
-        raise ConfigError(f"--threads must be >= 1, got {n}")
     import torch
 
     torch.set_num_threads(n)
@@ -76,12 +126,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads)
         code = args._run(args)
-    except TotoError as e:
-        print(f"toto {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, not at interpreter exit
     except KeyboardInterrupt:
         print(f"toto {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader (`| head`) has what it wanted: stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as e:  # noqa: BLE001 - errors a user can fix become one line; bugs keep their traceback
+        message = user_error(e)
+        if message is None:
+            raise
+        print(f"toto {args.command}: error: {message}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

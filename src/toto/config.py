@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .ioutil import read_text
 
 
 @dataclass
@@ -185,7 +186,7 @@ def read_yaml_mapping(path: str | Path, what: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{what} not found: {path}")
     try:
-        d = yaml.safe_load(path.read_text()) or {}
+        d = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from None
     if not isinstance(d, dict):

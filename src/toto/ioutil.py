@@ -2,20 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+from .errors import DataError
+
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing; a failed write (full disk, read-only folder,
+    ``path`` naming a folder) leaves neither a partial file nor a ``.tmp`` behind."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder (a file name is expected here)")
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path):
+    """For writers that need a file name (safetensors, matplotlib, PIL, PyAV): yields a
+    temporary name next to ``path`` with the same suffix (some writers pick the format by it),
+    which replaces ``path`` when the block succeeds and is removed when it fails."""
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder (a file name is expected here)")
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
@@ -53,3 +81,45 @@ def read_jsonl(path: str | Path) -> list[dict]:
         if line.strip():
             out.append(json.loads(line))
     return out
+
+
+def read_json(path: str | Path):
+    """A JSON file the program wrote (state, index, results); DataError naming it when it is
+    missing, truncated or garbled."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: corrupt or truncated JSON ({e})") from None
+
+
+def load_tensors(path: str | Path, device: str = "cpu") -> dict:
+    """All tensors of a safetensors file; DataError naming it when it is missing, truncated or
+    not a safetensors file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        return load_file(str(path), device=device)
+    except SafetensorError as e:
+        raise DataError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+
+
+def read_text(path: str | Path) -> str:
+    """A user's text file (config, media and label lists, split files): UTF-8 with or without
+    a byte-order mark (Windows editors write one); DataError naming the file when it is not text."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """The lines of a user's text file (see read_text), any line ending."""
+    return read_text(path).splitlines()

@@ -21,6 +21,9 @@ from pathlib import Path
 from .errors import ConfigError, TotoError
 
 
+TINY_STEPS = 400  # pre-training steps of the tiny quickstart (4096 tokens each)
+
+
 @dataclass
 class QuickstartOptions:
     out: Path = Path("runs/quickstart")
@@ -57,7 +60,25 @@ class QuickstartOptions:
             raise ConfigError(f"--finetune-epochs must be >= 0 (0 skips fine-tuning), got {self.finetune_epochs}")
         if self.tokenizer_kind not in ("patch", "dvae"):
             raise ConfigError(f"--fit-tokenizer must be patch or dvae, got {self.tokenizer_kind!r}")
+        for name, lowest in (("resolution", 1), ("n_codes", 1), ("frames", 1), ("stride", 1), ("steps", 1),
+                             ("probe_epochs", 1), ("probe_max_per_class", 1), ("moving_digits", 0)):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= lowest):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lowest}, got {v!r}")
+        from .config import build_config
+
+        build_config(self.preset, None, self.train_overrides())  # bad overrides fail now, not at stage 4
         return self
+
+    def train_overrides(self) -> list[str]:
+        """The pre-training config on top of the preset (``toto train`` gets exactly these)."""
+        if self.preset == "tiny":  # 1.6M tokens: about 5 minutes on 2 idle CPU cores
+            own = [f"train.max_steps={self.steps or TINY_STEPS}", "train.batch_tokens=4096",
+                   "train.micro_batch_size=4", "train.warmup_steps=10", "train.eval_interval=20",
+                   "train.ckpt_interval=20"]
+        else:
+            own = [f"train.max_steps={self.steps}"] if self.steps else []
+        return [*own, *self.overrides]
 
 
 class Quickstart:
@@ -75,7 +96,7 @@ class Quickstart:
         from .cli import main
 
         argv = [str(a) for a in argv]
-        if not self.o.progress and argv[0] not in ("tokenizer",):
+        if not self.o.progress:
             argv.append("--no-progress")
         code = main(argv)
         if code:
@@ -119,8 +140,6 @@ class Quickstart:
         args = ["tokenizer", "train", "--kind", self.o.tokenizer_kind, "--media", *self._inputs(),
                 "--out", self.tok_file, "--resolution", self.o.resolution, "--n-codes", self.o.n_codes,
                 "--stride", self.o.stride, "--max-frames", 600 if self.o.preset == "tiny" else 5000]
-        if not self.o.progress:
-            args.append("--no-progress")
         self._cli(*args)
 
     def stage_tokenize(self) -> None:
@@ -131,16 +150,11 @@ class Quickstart:
     def stage_train(self) -> None:
         run = self.paths["run"]
         args = ["train", "--preset", self.o.preset, "--data", self.paths["shards"], "--out", run]
-        if self.o.preset == "tiny":  # 3.3M tokens: about 5 minutes on 2 idle CPU cores
-            args += ["--steps", self.o.steps or 800, "train.batch_tokens=4096", "train.micro_batch_size=4",
-                     "train.warmup_steps=10", "train.eval_interval=20", "train.ckpt_interval=20"]
-        elif self.o.steps:
-            args += ["--steps", self.o.steps]
         from .train.checkpoint import latest_checkpoint
 
         if latest_checkpoint(run) is not None:
             args.append("--resume")
-        self._cli(*args, *self.o.overrides)
+        self._cli(*args, *self.o.train_overrides())
 
     def _probe_data(self) -> Path:
         return Path(self.o.probe_data) if self.o.probe_data else self.paths["media"] / "digits"

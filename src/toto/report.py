@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,9 @@ def _load(path: Path) -> dict | None:
 
 
 def _rel(path: Path, root: Path) -> str:
-    return str(Path(path).resolve().relative_to(root.resolve())) if Path(path).is_absolute() else str(path)
+    """A link from the report in ``root`` to ``path`` (however either was given: absolute or
+    relative to the working directory), so the report's images show wherever it is opened."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(root).resolve())).as_posix()
 
 
 def write_report(qs) -> Path:

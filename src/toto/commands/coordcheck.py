@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .argtypes import positive_float, positive_int
+
 HELP = "muP coordinate check: activation size vs width under SP and muP (plot + JSON)"
 
 
 def add_arguments(p):
     p.add_argument("--widths", default="32,64,128,256", help="comma-separated model widths")
-    p.add_argument("--steps", type=int, default=4, help="AdamW steps before measuring")
-    p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--seeds", type=int, default=2, help="seeds averaged per width")
+    p.add_argument("--steps", type=positive_int, default=4, help="AdamW steps before measuring")
+    p.add_argument("--lr", type=positive_float, default=1e-2)
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds averaged per width")
     p.add_argument("--out", default="runs/coordcheck", help="output folder")
 
 

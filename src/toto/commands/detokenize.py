@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+
+from .argtypes import nonnegative_int, positive_float
 
 HELP = "decode one sequence of a shard folder back to a video/gif and a PNG strip"
 
@@ -13,10 +16,11 @@ HELP = "decode one sequence of a shard folder back to a video/gif and a PNG stri
 def add_arguments(p):
     p.add_argument("--data", required=True, metavar="DIR", help="token shard folder")
     p.add_argument("--tokenizer", required=True, metavar="FILE", help="the tokenizer the shards were built with")
-    p.add_argument("--index", type=int, default=0, help="sequence index (default 0)")
-    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.mp4 (or .gif) and PREFIX.png")
+    p.add_argument("--index", type=nonnegative_int, default=0, help="sequence index (default 0)")
+    p.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.mp4 (or .gif) and PREFIX.png; "
+                   "a folder (an existing one, or a path ending in /) gets sequence_INDEX.mp4 and .png")
     p.add_argument("--format", choices=("mp4", "gif"), default="mp4", help="animation format (default mp4)")
-    p.add_argument("--fps", type=float, default=4.0, help="frames per second of the animation (default 4)")
+    p.add_argument("--fps", type=positive_float, default=4.0, help="frames per second of the animation (default 4)")
 
 
 def decode_sequence(data: str | Path, tok, index: int) -> tuple[np.ndarray, str]:
@@ -59,26 +63,37 @@ def write_strip(frames: np.ndarray, path: str | Path) -> Path:
 
 def write_animation(frames: np.ndarray, prefix: str | Path, fmt: str = "mp4", fps: float = 4.0) -> Path:
     from ..data.video import write_video
+    from ..ioutil import atomic_file
 
     path = Path(f"{prefix}.{fmt}")
-    if fmt == "gif":
-        from PIL import Image
+    with atomic_file(path) as tmp:
+        if fmt == "gif":
+            from PIL import Image
 
-        imgs = [Image.fromarray(f) for f in frames]
-        imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=round(1000 / fps), loop=0)
-    else:
-        write_video(frames, path, fps)
+            imgs = [Image.fromarray(f) for f in frames]
+            imgs[0].save(tmp, save_all=True, append_images=imgs[1:], duration=round(1000 / fps), loop=0)
+        else:
+            write_video(frames, tmp, fps)
     return path
+
+
+def output_prefix(out: str, index: int) -> Path:
+    """``--out``: a file prefix, or a folder (existing, or written with a trailing slash) that
+    gets ``sequence_INDEX`` files, never hidden ``.mp4``/``.png`` ones."""
+    if out.endswith(("/", os.sep)) or Path(out).is_dir():
+        return Path(out) / f"sequence_{index}"
+    return Path(out)
 
 
 def run(args) -> int:
     from ..tokenizers.base import get_tokenizer
 
     tok = get_tokenizer(args.tokenizer)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    prefix = output_prefix(args.out, args.index)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     frames, kind = decode_sequence(args.data, tok, args.index)
-    anim = write_animation(frames, args.out, args.format, args.fps)
-    strip = write_strip(frames, args.out + ".png")
+    anim = write_animation(frames, prefix, args.format, args.fps)
+    strip = write_strip(frames, f"{prefix}.png")
     print(f"sequence {args.index} ({kind}, {len(frames)} frames of {frames.shape[1]}x{frames.shape[2]}): "
           f"{anim}, {strip}")
     return 0

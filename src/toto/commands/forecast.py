@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from .argtypes import positive_int
+
 HELP = "forecast the next frames of videos token by token and score them against the real frames"
 
 
@@ -18,10 +20,10 @@ def add_arguments(p):
     src.add_argument("--data", metavar="DIR", help="token-shard folder (with --index): forecast stored sequences")
     p.add_argument("--index", type=int, nargs="+", metavar="I", help="sequence indices in --data (default: 0)")
     p.add_argument("--out", required=True, help="output folder: forecast.json, <name>_strip.png, <name>.gif/.mp4")
-    p.add_argument("--context-frames", type=int, default=d.context_frames,
+    p.add_argument("--context-frames", type=positive_int, default=d.context_frames,
                    help=f"real frames given to the model (default {d.context_frames})")
-    p.add_argument("--frames", type=int, default=d.frames, help=f"frames to forecast (default {d.frames})")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--frames", type=positive_int, default=d.frames, help=f"frames to forecast (default {d.frames})")
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="keep one video frame in STRIDE (default: the stride recorded in the index of the model's "
                         "training shards, else 4)")
     g = p.add_argument_group("sampling")
@@ -30,12 +32,11 @@ def add_arguments(p):
     g.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass in (0, 1] (default: off)")
     g.add_argument("--greedy", action="store_true", help="always take the most likely code (ignores the above)")
     g.add_argument("--seed", type=int, default=d.seed, help=f"sampling seed (default {d.seed})")
-    p.add_argument("--fps", type=int, default=d.fps, help=f"frame rate of the written videos (default {d.fps})")
+    p.add_argument("--fps", type=positive_int, default=d.fps, help=f"frame rate of the written videos (default {d.fps})")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true",
                    help="compile the decode step (CUDA graphs on GPU: ~10x faster decoding after a "
                         "one-off compilation of ~10 s; docs/performance.md)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from .argtypes import positive_int
+
 HELP = "write ROOT/<split>.txt list files from the official ImageNet-1k or Kinetics annotations"
 
 
@@ -27,7 +29,7 @@ def add_arguments(p):
     ki.add_argument("--videos", required=True, action="append", metavar="DIR",
                     help="folder searched recursively for {youtube_id}_{start:06d}_{end:06d}.mp4|mkv|webm "
                          "(repeatable)")
-    ki.add_argument("--max-per-class", type=int, help="keep at most this many found clips per class (CSV order)")
+    ki.add_argument("--max-per-class", type=positive_int, help="keep at most this many found clips per class (CSV order)")
     ki.add_argument("--out", required=True, help="list file to write, e.g. ROOT/val.txt")
     ca = sub.add_parser("cater", help="CATER snitch localisation: the release's lists/localize/{train,val}.txt",
                         description="Check the videos of a CATER release (or of `toto synth cater`) named by "
@@ -38,13 +40,11 @@ def add_arguments(p):
                                     "named in the report and left out.")
     ca.add_argument("--root", required=True, help="an unpacked CATER variant: videos/, lists/, optional scenes/")
     ca.add_argument("--out", required=True, help="folder for train.txt, val.txt, cater.json")
-    ca.add_argument("--frames", type=int, default=16, help="frames per sequence the probe will sample (default 16)")
-    ca.add_argument("--stride", type=int, default=None,
+    ca.add_argument("--frames", type=positive_int, default=16, help="frames per sequence the probe will sample (default 16)")
+    ca.add_argument("--stride", type=positive_int, default=None,
                     help="source frames between sampled frames (default: the largest whose window fits the first "
                          "listed video, 20 for 16 frames of CATER's 301)")
     ca.add_argument("--task", default="localize", help="lists/ subfolder (default localize; localize_4x4 ... too)")
-    for q in (im, ki, ca):
-        q.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:

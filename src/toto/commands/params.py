@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from .argtypes import positive_int
+
 HELP = "print parameter counts of the model presets"
 
 PAPER = {"base": 120e6, "large": 280e6, "1b": 1.1e9}
 
 
 def add_arguments(p):
-    p.add_argument("--vocab", type=int, default=None, help="vocabulary size for presets that leave it open")
+    p.add_argument("--vocab", type=positive_int, default=None, help="vocabulary size for presets that leave it open")
 
 
 def run(args) -> int:

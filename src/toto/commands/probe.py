@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .argtypes import nonnegative_float, positive_int
+
 HELP = "probe a frozen checkpoint layer by layer on a labelled image or video dataset"
 
 
@@ -36,25 +38,24 @@ def add_arguments(p):
                         "forward per batch (for large data sets; see docs/probe.md)")
     p.add_argument("--resume", action="store_true", help="with --online: continue the run in --out from its saved state")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=32,
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="samples per forward pass when extracting (default 32); with --online, per tokenizer call "
                         "(the forward batch is --probe-batch-size)")
-    p.add_argument("--frames", type=int, default=16, help="frames per video sequence (default 16, as in pre-training)")
-    p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per video sequence (default 16, as in pre-training)")
+    p.add_argument("--stride", type=positive_int, default=4, help="keep one video frame in STRIDE (default 4)")
     p.add_argument("--clip", choices=("center", "first", "last"), default="center",
                    help="which FRAMES-frame window of a longer video (default center, the usual single-clip test; last: the one ending at the last frame, for CATER)")
-    p.add_argument("--max-per-class", type=int, help="use at most this many samples per class and split")
+    p.add_argument("--max-per-class", type=positive_int, help="use at most this many samples per class and split")
     g = p.add_argument_group("probe training")
-    g.add_argument("--epochs", type=int, default=d.epochs, help=f"(default {d.epochs})")
-    g.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help=f"(default {d.weight_decay})")
-    g.add_argument("--probe-batch-size", type=int, default=d.batch_size, help=f"(default {d.batch_size})")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs, help=f"(default {d.warmup_epochs})")
-    g.add_argument("--heads", type=int, default=d.heads, help="attentive-probe heads (default: the model's)")
+    g.add_argument("--epochs", type=positive_int, default=d.epochs, help=f"(default {d.epochs})")
+    g.add_argument("--lr", type=nonnegative_float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=d.weight_decay, help=f"(default {d.weight_decay})")
+    g.add_argument("--probe-batch-size", type=positive_int, default=d.batch_size, help=f"(default {d.batch_size})")
+    g.add_argument("--warmup-epochs", type=nonnegative_float, default=d.warmup_epochs, help=f"(default {d.warmup_epochs})")
+    g.add_argument("--heads", type=positive_int, default=d.heads, help="attentive-probe heads (default: the model's)")
     g.add_argument("--norm", choices=("batchnorm", "layernorm"), default=d.norm,
                    help=f"normalisation of the pooled vector, no affine parameters (default {d.norm})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"probe initialisation and batch order (default {d.seed})")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args) -> int:

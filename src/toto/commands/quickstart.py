@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .argtypes import nonnegative_int, positive_int
+
 HELP = "run the whole pipeline (tokenize, pre-train, probe, fine-tune, track, forecast) and write a report"
 
 
@@ -22,21 +24,20 @@ def add_arguments(p):
                    help="tokenizer to fit when --tokenizer is not given (default patch: k-means, fast)")
     p.add_argument("--probe-data", metavar="ROOT", help="class-folder dataset (default: scikit-learn digits)")
     p.add_argument("--davis", metavar="ROOT", help="DAVIS-2017 layout folder (default: a synthetic set)")
-    p.add_argument("--resolution", type=int, help="frame size (default 64 for tiny, 128 for paper presets)")
-    p.add_argument("--n-codes", type=int, default=256, help="codebook size of a fitted tokenizer (default 256)")
-    p.add_argument("--frames", type=int, default=16, help="frames per sequence (default 16)")
-    p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
-    p.add_argument("--steps", type=int, help="pre-training steps (default: 800 for tiny, the preset's otherwise)")
-    p.add_argument("--probe-epochs", type=int, default=20)
-    p.add_argument("--finetune-epochs", type=int, default=5,
+    p.add_argument("--resolution", type=positive_int, help="frame size (default 64 for tiny, 128 for paper presets)")
+    p.add_argument("--n-codes", type=positive_int, default=256, help="codebook size of a fitted tokenizer (default 256)")
+    p.add_argument("--frames", type=positive_int, default=16, help="frames per sequence (default 16)")
+    p.add_argument("--stride", type=positive_int, default=4, help="keep one video frame in STRIDE (default 4)")
+    p.add_argument("--steps", type=positive_int, help="pre-training steps (default: 800 for tiny, the preset's otherwise)")
+    p.add_argument("--probe-epochs", type=positive_int, default=20)
+    p.add_argument("--finetune-epochs", type=nonnegative_int, default=5,
                    help="epochs of `toto finetune` on the best probed layer (default 5; 0 skips it)")
-    p.add_argument("--probe-max-per-class", type=int, help="cap on probe images per class and split (default: all)")
-    p.add_argument("--moving-digits", type=int, default=240, help="moving-digit clips made for the tiny "
+    p.add_argument("--probe-max-per-class", type=positive_int, help="cap on probe images per class and split (default: all)")
+    p.add_argument("--moving-digits", type=nonnegative_int, default=240, help="moving-digit clips made for the tiny "
                    "preset (default 240)")
     p.add_argument("--cater-clips", type=int, default=80, help="CATER-style clips for the object-permanence "
                    "stage (tiny preset; needs the sim extra and an offscreen GL; default 48, 0 skips it)")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="training config overrides")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .argtypes import nonnegative_float, positive_int
+
 HELP = "scaling laws: run a grid of model sizes and budgets, fit loss vs compute"
 
 
@@ -17,7 +19,6 @@ def add_arguments(p):
     r.add_argument("--out", required=True, metavar="DIR", help="sweep folder (runs/, results.jsonl)")
     r.add_argument("--data", metavar="DIR", help="token shard folder, or several as a,b (a weighted mix: set data.weights in the grid's base); overrides the grid's data:")
     r.add_argument("--dry-run", action="store_true", help="list the runs with params, tokens and FLOPs; train nothing")
-    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     f = sub.add_parser("fit", help="fit L(C) = a C^b to the compute-optimal frontier; JSON + plot",
                        description="Fit L(C) = a C^b (and optionally + L_inf) to the lowest validation loss "
@@ -28,8 +29,8 @@ def add_arguments(p):
                    help="use each run's final validation loss only (default: every evaluation)")
     f.add_argument("--include-warmup", action="store_true",
                    help="keep evaluations made during learning-rate warm-up (dropped by default)")
-    f.add_argument("--min-flops", type=float, default=0.0, help="ignore points below this compute")
-    f.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the interval")
+    f.add_argument("--min-flops", type=nonnegative_float, default=0.0, help="ignore points below this compute")
+    f.add_argument("--bootstrap", type=positive_int, default=2000, help="bootstrap resamples for the interval")
     f.add_argument("--ci", type=float, default=0.95, help="confidence level of the interval")
     f.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     f.add_argument("--json", metavar="FILE", help="where to write the fit (default: DIR/scaling_fit.json)")

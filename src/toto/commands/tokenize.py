@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from .argtypes import positive_int
+
 HELP = "turn folders / list files of videos and images into token shards"
 
 
@@ -13,20 +15,19 @@ def add_arguments(p):
                    help="folders (searched recursively), media files, or list files (.txt/.lst, one path a line)")
     p.add_argument("--tokenizer", required=True, metavar="FILE", help="tokenizer file (dVAE or patch safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="output shard folder")
-    p.add_argument("--frames", type=int, default=16,
+    p.add_argument("--frames", type=positive_int, default=16,
                    help="frames per video sequence and images per image sequence (default 16)")
-    p.add_argument("--stride", type=int, default=4, help="keep one video frame in STRIDE (default 4)")
+    p.add_argument("--stride", type=positive_int, default=4, help="keep one video frame in STRIDE (default 4)")
     p.add_argument("--short", choices=("pad", "skip"), default="pad",
                    help="videos shorter than one sequence: pad by repeating the last frame, or skip")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+    p.add_argument("--workers", type=positive_int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="decoding processes (0: decode in the main process)")
-    p.add_argument("--shard-size", type=int, default=1024, help="sequences per shard file (default 1024)")
-    p.add_argument("--batch-frames", type=int, default=64, help="frames per tokenizer call (default 64)")
+    p.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard file (default 1024)")
+    p.add_argument("--batch-frames", type=positive_int, default=64, help="frames per tokenizer call (default 64)")
     p.add_argument("--device", default=None, help="tokenizer device (default: cuda when available, else cpu)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .argtypes import nonnegative_float, positive_float, positive_int
+
 HELP = ("make a tokenizer file (convert DALL-E dVAE or taming VQGAN weights, or train a dVAE / patch codebook), "
         "inspect one, or measure its codebook coverage")
 
@@ -19,7 +21,7 @@ def add_arguments(p):
     c.add_argument("--encoder", required=True, metavar="PKL", help="encoder.pkl (torch.save of dall_e.Encoder)")
     c.add_argument("--decoder", required=True, metavar="PKL", help="decoder.pkl (torch.save of dall_e.Decoder)")
     c.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    c.add_argument("--resolution", type=int, default=128, help="frame size the tokenizer is used at (default 128)")
+    c.add_argument("--resolution", type=positive_int, default=128, help="frame size the tokenizer is used at (default 128)")
     c.set_defaults(_action=_convert)
 
     v = sub.add_parser("convert-vqgan", help="convert a taming-transformers VQGAN checkpoint (last.ckpt) into one "
@@ -44,25 +46,24 @@ def add_arguments(p):
     t.add_argument("--media", nargs="+", required=True, metavar="PATH",
                    help="videos, images, folders (recursive) or .txt lists of them")
     t.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
-    t.add_argument("--resolution", type=int, default=64, help="frame size to train at (default 64)")
-    t.add_argument("--max-frames", type=int, default=2000, help="frames pooled from the media (default 2000)")
-    t.add_argument("--stride", type=int, default=4, help="keep one video frame every STRIDE (default 4)")
-    t.add_argument("--n-codes", type=int, default=512, help="codebook size (default 512)")
+    t.add_argument("--resolution", type=positive_int, default=64, help="frame size to train at (default 64)")
+    t.add_argument("--max-frames", type=positive_int, default=2000, help="frames pooled from the media (default 2000)")
+    t.add_argument("--stride", type=positive_int, default=4, help="keep one video frame every STRIDE (default 4)")
+    t.add_argument("--n-codes", type=positive_int, default=512, help="codebook size (default 512)")
     t.add_argument("--seed", type=int, default=0)
     d = t.add_argument_group("dvae options (defaults: a tiny dVAE that trains on a CPU)")
-    d.add_argument("--n-hid", type=int, help="width of the first group (DALL-E: 256; default 32)")
-    d.add_argument("--blocks", type=int, dest="n_blk_per_group", help="residual blocks per group (DALL-E: 2; default 1)")
-    d.add_argument("--groups", type=int, dest="group_count",
+    d.add_argument("--n-hid", type=positive_int, help="width of the first group (DALL-E: 256; default 32)")
+    d.add_argument("--blocks", type=positive_int, dest="n_blk_per_group", help="residual blocks per group (DALL-E: 2; default 1)")
+    d.add_argument("--groups", type=positive_int, dest="group_count",
                    help="groups; downsampling is 2**(groups-1) (DALL-E: 4, i.e. 8x; default 4)")
-    d.add_argument("--steps", type=int, help="optimizer steps (default 2000)")
-    d.add_argument("--batch", type=int, dest="batch_size", help="frames per step (default 16)")
-    d.add_argument("--lr", type=float, help="peak learning rate (default 2e-3)")
-    d.add_argument("--kl-weight", type=float, help="final KL weight (default 6.6, as DALL-E)")
+    d.add_argument("--steps", type=positive_int, help="optimizer steps (default 2000)")
+    d.add_argument("--batch", type=positive_int, dest="batch_size", help="frames per step (default 16)")
+    d.add_argument("--lr", type=positive_float, help="peak learning rate (default 2e-3)")
+    d.add_argument("--kl-weight", type=nonnegative_float, help="final KL weight (default 6.6, as DALL-E)")
     d.add_argument("--device", help="auto (default), cpu or cuda")
     d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     pt = t.add_argument_group("patch options")
-    pt.add_argument("--patch", type=int, default=8, help="patch size in pixels (default 8)")
-    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    pt.add_argument("--patch", type=positive_int, default=8, help="patch size in pixels (default 8)")
     t.set_defaults(_action=_train)
 
     i = sub.add_parser("info", help="print a tokenizer file's identity (kind, codes, resolution, config)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .argtypes import nonnegative_int, positive_float, positive_int
+
 HELP = "video object segmentation by label propagation (DAVIS-2017 layout), scored with J&F"
 
 
@@ -13,22 +15,22 @@ def add_arguments(p):
                    help="model hidden states (default), raw RGB patches, or the copy-the-first-mask baseline")
     p.add_argument("--checkpoint", metavar="RUN_OR_CKPT", help="run folder or checkpoint folder (--features model)")
     p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file the checkpoint was trained with")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=nonnegative_int, default=None,
                    help="hidden-state layer: 0 = embeddings, i = after block i (default: the middle one)")
     p.add_argument("--context", choices=["image", "video"], default="image",
                    help="each frame alone as an image sequence, or with its preceding frames as a video")
-    p.add_argument("--video-frames", type=int, default=4, help="frames in the causal window for --context video")
+    p.add_argument("--video-frames", type=positive_int, default=4, help="frames in the causal window for --context video")
     p.add_argument("--resize", choices=["square", "keep-aspect"], default="square",
                    help="frame resizing before featurising (default square R x R)")
-    p.add_argument("--resolution", type=int, default=None,
+    p.add_argument("--resolution", type=positive_int, default=None,
                    help="R in pixels (default: the tokenizer's; 128 for --features pixels)")
-    p.add_argument("--patch", type=int, default=8, help="patch size for --features pixels")
+    p.add_argument("--patch", type=positive_int, default=8, help="patch size for --features pixels")
     p.add_argument("--sequences", nargs="+", metavar="SEQ", help="only these sequences")
     p.add_argument("--subset", default="val", help="ImageSets/2017/<subset>.txt lists the sequences")
-    p.add_argument("--n-last", type=int, default=7, help="most recent predicted frames used as context")
-    p.add_argument("--topk", type=int, default=5, help="neighbours kept jointly over the context")
-    p.add_argument("--temperature", type=float, default=0.1, help="softmax temperature on cosine similarity")
-    p.add_argument("--radius", type=int, default=None,
+    p.add_argument("--n-last", type=positive_int, default=7, help="most recent predicted frames used as context")
+    p.add_argument("--topk", type=positive_int, default=5, help="neighbours kept jointly over the context")
+    p.add_argument("--temperature", type=positive_float, default=0.1, help="softmax temperature on cosine similarity")
+    p.add_argument("--radius", type=positive_int, default=None,
                    help="neighbourhood radius in grid cells (default: DINO's 12 at 60 rows, scaled; 0 = off)")
     p.add_argument("--no-norm-mask", action="store_true", help="skip DINO's per-object rescaling before argmax")
     p.add_argument("--void", choices=["ignore", "background"], default="ignore",
@@ -36,8 +38,7 @@ def add_arguments(p):
     p.add_argument("--overlay", default="", metavar="SEQ",
                    help="sequence to render as an overlay gif (default: the first; 'none' for no gif)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch-size", type=int, default=16, help="frames per forward pass")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass")
 
 
 def build_features(args):

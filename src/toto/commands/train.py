@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .common import add_config_args, config_from_args
 
+from .argtypes import positive_float, positive_int
+
 HELP = "pre-train the model on token shards (next-token prediction)"
 
 
@@ -12,16 +14,15 @@ def add_arguments(p):
     p.add_argument("--data", help="token shard folder, or several comma-separated (sets data.path; mix with "
                    "data.weights=[w1,w2,...])")
     p.add_argument("--out", help="run folder for checkpoints and metrics (sets train.out_dir)")
-    p.add_argument("--steps", type=int, help="optimizer steps (sets train.max_steps)")
+    p.add_argument("--steps", type=positive_int, help="optimizer steps (sets train.max_steps)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
-    p.add_argument("--until", type=int, metavar="STEP",
+    p.add_argument("--until", type=positive_int, metavar="STEP",
                    help="stop at this step with a checkpoint (the schedule still runs to --steps)")
     p.add_argument("--init-from", metavar="CKPT",
                    help="start a new run from these weights (e.g. resolution fine-tuning on longer "
                         "sequences); the architecture comes from the checkpoint")
-    p.add_argument("--rope-base", type=float,
+    p.add_argument("--rope-base", type=positive_float,
                    help="RoPE base (sets model.rope_base; default 50000 with --init-from, as in the paper)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def run(args) -> int:

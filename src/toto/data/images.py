@@ -15,10 +15,25 @@ import numpy as np
 from ..errors import DataError
 
 
+def to_8bit(img):
+    """16-bit grayscale (``I;16*``, and ``I`` as Pillow opens 16-bit PNGs in some versions)
+    scaled by its bit depth to 8-bit ``L`` (65535 -> 255); PIL's own conversion clips at 255
+    instead, turning such images almost white. Other modes pass through."""
+    from PIL import Image
+
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    a = np.asarray(img).astype(np.float64)
+    if img.mode == "I" and a.size and (a.min() < 0 or a.max() > 65535):
+        raise DataError(f"32-bit integer image with values in [{a.min():.0f}, {a.max():.0f}]: no known bit depth")
+    return Image.fromarray(np.round(a * (255 / 65535)).astype(np.uint8))
+
+
 def square_resize(img, resolution: int) -> np.ndarray:
     """PIL image -> ``(R, R, 3) uint8`` (center square crop, then resize)."""
     from PIL import Image
 
+    img = to_8bit(img)
     if img.mode != "RGB":
         img = img.convert("RGB")
     w, h = img.size

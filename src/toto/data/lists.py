@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_write_bytes, atomic_write_json, read_lines
 from .media import IMAGE_EXTS
 
 KINETICS_EXTS = frozenset({".mp4", ".mkv", ".webm"})
@@ -190,7 +190,7 @@ def read_devkit(ground_truth: str | Path, meta: str | Path) -> list[tuple[str, s
         raise DataError(f"{ground_truth}: ground-truth file not found")
     wnids = read_meta_wnids(meta)
     rows = []
-    for n, line in enumerate(ground_truth.read_text().splitlines(), 1):
+    for n, line in enumerate(read_lines(ground_truth), 1):
         text = line.strip()
         try:
             wnid = wnids[int(text)]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..ioutil import read_lines
 from .images import read_image
 from .video import iter_video
 
@@ -36,7 +37,7 @@ def media_kind(path: str | Path) -> str | None:
 
 def _read_list(path: Path) -> list[Path]:
     out = []
-    for line in path.read_text().splitlines():
+    for line in read_lines(path):
         line = line.split("#", 1)[0].strip()
         if line:
             p = Path(line).expanduser()

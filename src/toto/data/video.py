@@ -1,7 +1,9 @@
 """Exact-frame video decoding with PyAV, temporal striding and the square resize policy.
 
 Policy (the same for every video and, up to the resampling filter, for images):
-  * every frame is decoded in presentation order; container frame counts are never trusted;
+  * every frame is decoded in presentation order; container frame counts never decide what is
+    decoded (an mp4/mov's frame index is only compared with what the file holds, to detect
+    truncation); a file that is truncated or fails to decode half-way is a DataError;
   * frame ``n`` (0-based) is kept when ``n % stride == 0``;
   * a kept frame is scaled so its *short* side equals ``resolution`` (libswscale, area filter,
     aspect ratio kept, long side rounded), then the central ``resolution x resolution`` square
@@ -79,20 +81,38 @@ def iter_video(path: str | Path, stride: int = 4, resolution: int = 128,
         if not container.streams.video:
             raise DataError(f"{path}: no video stream")
         stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
+        stream.thread_type = "AUTO"  # threaded decoding hides decode errors: see _check_packet
+        packets = 0
         try:
-            for frame in container.decode(stream):
-                if n % stride == 0:
-                    yield frame_to_array(frame, resolution)
-                n += 1
-                if counts is not None:
-                    counts["decoded"] = n
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+                    _check_packet(path, packet, packets)
+                for frame in packet.decode():
+                    if n % stride == 0:
+                        yield frame_to_array(frame, resolution)
+                    n += 1
+                    if counts is not None:
+                        counts["decoded"] = n
         except (av.FFmpegError, OSError, ValueError) as e:
             raise DataError(f"{path}: decoding failed after {n} frames ({type(e).__name__}: {e})") from None
         if n == 0:
             raise DataError(f"{path}: no decodable video frames")
+        declared = stream.frames if "mov" in container.format.name.split(",") else 0
+        if packets < declared:  # an mp4/mov index lists every frame; a file cut at a packet boundary
+            raise DataError(f"{path}: truncated file: its index lists {declared} frames, the file holds "
+                            f"{packets}")
     finally:
         container.close()
+
+
+def _check_packet(path: Path, packet, k: int) -> None:
+    """Refuse a packet the demuxer could not read whole (a truncated or damaged file). With
+    threaded decoding (``thread_type`` AUTO or FRAME) FFmpeg conceals the decode error such a
+    packet causes and the file would be silently half-used; the demuxer's flag does not depend
+    on the decoder, so checking it keeps threaded decoding's speed."""
+    if packet.is_corrupt:
+        raise DataError(f"{path}: truncated or corrupt data in frame packet {k} (byte {packet.pos})")
 
 
 def read_video(path: str | Path, stride: int = 4, resolution: int = 128,
@@ -182,6 +202,8 @@ def write_video(frames: np.ndarray, path: str | Path, fps: float = 4.0, lossless
         raise DataError(f"{path}: frames must be (T, H, W[, 3]) uint8, got {frames.shape} {frames.dtype}")
     if not lossless and (frames.shape[1] % 2 or frames.shape[2] % 2):
         raise DataError(f"{path}: H.264 needs even frame sizes, got {frames.shape[1]}x{frames.shape[2]}")
+    if not fps > 0:  # FFmpeg would silently write 24 fps for 0
+        raise DataError(f"{path}: frame rate must be > 0, got {fps}")
     rate = Fraction(fps).limit_denominator(1000)
     with av.open(str(path), "w") as c:
         if lossless:

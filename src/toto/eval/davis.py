@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..ioutil import read_lines
 
 VOID = 255
 BOUND_TH = 0.008
@@ -294,7 +295,7 @@ def list_sequences(root: str | Path, subset: str = "val", resolution: str = "480
     if names is None:
         listing = root / "ImageSets" / "2017" / f"{subset}.txt"
         if listing.is_file():
-            names = [ln.strip() for ln in listing.read_text().splitlines() if ln.strip()]
+            names = [ln.strip() for ln in read_lines(listing) if ln.strip()]
         else:
             names = sorted(p.name for p in img_root.iterdir() if p.is_dir())
     out = []

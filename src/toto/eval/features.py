@@ -39,7 +39,7 @@ from ..data.images import read_image
 from ..data.media import media_kind
 from ..data.video import clip_windows, frame_count_hint, iter_video
 from ..errors import CheckpointError, ConfigError, DataError
-from ..ioutil import atomic_write_json
+from ..ioutil import atomic_file, atomic_write_json, read_json, read_lines
 from ..vocab import N_SPECIAL, VocabLayout
 
 SPLITS = ("train", "val")
@@ -85,7 +85,7 @@ def _scan_folders(split_dir: Path, skipped: list[str]) -> list[tuple[Path, str]]
 
 def _read_list(list_file: Path) -> list[tuple[Path, str]]:
     items = []
-    for n, line in enumerate(list_file.read_text().splitlines(), 1):
+    for n, line in enumerate(read_lines(list_file), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
@@ -283,7 +283,7 @@ def open_chunk_cache(cache_root: str | Path, identity: dict, ds: LabelledDataset
     cache = Path(cache_root) / cache_key(ident)
     cache.mkdir(parents=True, exist_ok=True)
     mpath = cache / "manifest.json"
-    manifest = json.loads(mpath.read_text()) if mpath.is_file() else None
+    manifest = read_json(mpath) if mpath.is_file() else None
     if not manifest or manifest.get("identity") != ident:
         manifest = {"identity": ident, "splits": {s: {"chunks": {}, "skipped": []} for s in ds.splits},
                     "complete": False}
@@ -308,12 +308,16 @@ class SplitFeatures:
         return self._load("sample")
 
     def _load(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         parts = []
         for name in self.chunks:
-            with safe_open(str(self.cache / name), framework="pt") as f:
-                parts.append(f.get_tensor(key))
+            try:
+                with safe_open(str(self.cache / name), framework="pt") as f:
+                    parts.append(f.get_tensor(key))
+            except SafetensorError as e:
+                raise DataError(f"{self.cache / name}: corrupt or truncated feature cache ({e}); delete "
+                                f"{self.cache} to recompute it") from None
         return torch.cat(parts)
 
 
@@ -363,9 +367,8 @@ class FeatureExtractor:
                     tensors = {f"layer{l}": torch.cat(feats[l]) for l in self.layers}
                     tensors["labels"] = torch.tensor(labels, dtype=torch.long)
                     tensors["sample"] = torch.tensor(kept, dtype=torch.long)
-                    tmp = cache / (name + ".tmp")
-                    save_file(tensors, str(tmp))
-                    tmp.replace(cache / name)
+                    with atomic_file(cache / name) as tmp:
+                        save_file(tensors, str(tmp))
                 state["chunks"][str(c)] = {"file": name, "n": len(kept), "labels": labels}
                 atomic_write_json(cache / "manifest.json", manifest)
         finally:

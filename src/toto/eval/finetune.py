@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
-from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl
 from ..vocab import token_dtype
 from .features import LabelledDataset, SequenceSpec, file_identity, iter_codes, open_chunk_cache
 from .probe import Probe, ProbeConfig, cosine_lr, epoch_steps, topk_accuracy
@@ -128,9 +127,8 @@ def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, 
                 labels += lab
             name = f"{split}_{c:05d}.safetensors"
             if seqs:
-                tmp = cache / (name + ".tmp")
-                save_file({"tokens": np.stack(seqs), "labels": np.asarray(labels, np.int64)}, str(tmp))
-                tmp.replace(cache / name)
+                with atomic_file(cache / name) as tmp:
+                    save_file({"tokens": np.stack(seqs), "labels": np.asarray(labels, np.int64)}, str(tmp))
             state["chunks"][str(c)] = {"file": name, "n": len(seqs)}
             atomic_write_json(mpath, manifest)
         bar.close()
@@ -493,8 +491,6 @@ def plot_finetune(report: dict, path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)

@@ -21,7 +21,6 @@ A shard input has no pixels: its "real" frames are the tokenizer's reconstructio
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 from ..data.video import read_video
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
-from ..ioutil import atomic_write_json
+from ..ioutil import atomic_file, atomic_write_json
 from ..vocab import VocabLayout
 
 # -- image metrics ------------------------------------------------------------------------------
@@ -233,9 +232,8 @@ def write_strip(path: Path, rows: list[tuple[str, np.ndarray]], context: int) ->
             canvas.paste(Image.fromarray(img), (x, y))
     draw.text((label_w, 2), f"context ({context} frames)", fill=(0, 0, 0))
     draw.text((label_w + context * (R + pad) + gap, 2), "forecast", fill=RED)
-    tmp = path.with_name(path.name + ".tmp")
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        canvas.save(tmp, format="PNG")
 
 
 def side_by_side(panels: list[np.ndarray], context: int) -> np.ndarray:
@@ -250,9 +248,8 @@ def write_gif(path: Path, frames: np.ndarray, fps: int) -> None:
     from PIL import Image
 
     imgs = [Image.fromarray(f) for f in frames]
-    tmp = path.with_name(path.name + ".tmp")
-    imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=int(1000 / fps), loop=0)
 
 
 def write_mp4(path: Path, frames: np.ndarray, fps: int) -> str:
@@ -261,11 +258,10 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> str:
 
     H, W = frames.shape[1:3]
     frames = np.pad(frames, ((0, 0), (0, H % 2), (0, W % 2), (0, 0)))  # yuv420p needs even sizes
-    tmp = path.with_name(path.name + ".tmp")
     last_error = None
     for codec in ("libx264", "mpeg4"):
         try:
-            with av.open(str(tmp), "w", format="mp4") as c:
+            with atomic_file(path) as tmp, av.open(str(tmp), "w", format="mp4") as c:
                 st = c.add_stream(codec, rate=fps)
                 st.width, st.height, st.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
                 for f in frames:
@@ -273,7 +269,6 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int) -> str:
                         c.mux(pkt)
                 for pkt in st.encode():
                     c.mux(pkt)
-            os.replace(tmp, path)
             return codec
         except (av.FFmpegError, ValueError) as e:  # codec not built into this FFmpeg
             last_error = e
@@ -404,9 +399,8 @@ def forecast(model, layout: VocabLayout, tokenizer, items: list[ForecastInput], 
         report["items"].append(item)
         codes_out[f"{it.name}.real"] = it.codes
         codes_out[f"{it.name}.forecast"] = pred_codes[k].astype(np.int64)
-    tmp = out / "codes.safetensors.tmp"
-    save_file(codes_out, str(tmp))
-    os.replace(tmp, out / "codes.safetensors")
+    with atomic_file(out / "codes.safetensors") as tmp:
+        save_file(codes_out, str(tmp))
     atomic_write_json(out / "forecast.json", report)
     return report
 

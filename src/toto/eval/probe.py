@@ -22,7 +22,6 @@ features held in memory; given the same seed, features and settings it is determ
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
+from ..ioutil import atomic_file
 
 POOLINGS = ("attentive", "average")
 
@@ -278,11 +278,9 @@ def plot_accuracy(report: dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)  # keep the suffix: it picks the format
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path) as tmp:  # keeps the suffix: it picks the format
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def labels_tensor(labels) -> torch.Tensor:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
+from ..ioutil import atomic_file
 from .base import CONFIG_KEY, Tokenizer, read_metadata, register
 
 
@@ -169,12 +170,11 @@ class PatchTokenizer(Tokenizer):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
         meta = self.metadata()
         if self.fit_stats:
             meta["toto_patch_fit"] = json.dumps(self.fit_stats)
-        save_file({"codebook": self.codebook.detach().cpu().contiguous()}, str(tmp), metadata=meta)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            save_file({"codebook": self.codebook.detach().cpu().contiguous()}, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PatchTokenizer":

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config, config_from_dict
 from ..errors import CheckpointError
-from ..ioutil import atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir
+from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir, load_tensors,
+                      read_json)
 
 CKPT_DIR = "checkpoints"
 
@@ -100,7 +101,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CKPT_DIR
     pointer = root / "latest"
     if pointer.is_file():
-        p = root / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        p = root / name
+        if Path(name).name != name or not name.startswith("step_") or p.resolve().parent != root.resolve():
+            raise CheckpointError(f"{pointer} points to {name!r}, not to a checkpoint of this run "
+                                  f"({root}/step_*); fix or delete it")
         if (p / "state.json").is_file():
             return p
     done = sorted(p for p in root.glob("step_*") if (p / "state.json").is_file() and not p.name.endswith(".tmp"))
@@ -159,8 +164,8 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     f = path / "optimizer.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{path}: optimizer state missing; cannot resume training exactly")
-    meta = json.loads((path / "optimizer.json").read_text())
-    osd = optimizer_from_tensors(load_file(str(f)), meta)
+    meta = read_json(path / "optimizer.json")
+    osd = optimizer_from_tensors(load_tensors(f), meta)
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
 
 
