@@ -119,7 +119,10 @@ def set_threads(n: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a one-line usage error: a code, as for the rest
+        return int(e.code or 0)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 1

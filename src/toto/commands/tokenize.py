@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .argtypes import positive_int
+from .argtypes import nonnegative_int, positive_int
 
 HELP = "turn folders / list files of videos and images into token shards"
 
@@ -20,7 +20,7 @@ def add_arguments(p):
     p.add_argument("--stride", type=positive_int, default=4, help="keep one video frame in STRIDE (default 4)")
     p.add_argument("--short", choices=("pad", "skip"), default="pad",
                    help="videos shorter than one sequence: pad by repeating the last frame, or skip")
-    p.add_argument("--workers", type=positive_int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+    p.add_argument("--workers", type=nonnegative_int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
                    help="decoding processes (0: decode in the main process)")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard file (default 1024)")
     p.add_argument("--batch-frames", type=positive_int, default=64, help="frames per tokenizer call (default 64)")
