@@ -184,7 +184,7 @@ def test_cli_errors_are_one_clear_line(setup, tmp_path, capsys):
         (["--video", clip, "--stride", 100], "only 2 frames are kept at stride 100"),
         (["--video", clip, "--index", 3], "--index selects sequences of --data"),
         (["--video", clip, "--top-p", 2], "top_p must lie in (0, 1]"),
-        (["--video", clip, "--context-frames", 0], "--context-frames must be >= 1"),
+        (["--video", clip, "--context-frames", 0], "argument --context-frames: must be > 0, got 0"),
         (["--video", tmp_path / "missing.mp4"], "file not found"),
         (["--data", tmp_path], "index.json not found"),
     ]
