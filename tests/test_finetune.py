@@ -266,7 +266,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
     fails(_args(run, tok, data, out, "--layer", "3"), "--layer 3 out of range: this model has layers 0..2")
     fails(_args(run, tok, data, out, "--epochs", "0"), "epochs")
-    fails(_args(run, tok, data, out, "--ntp-weight", "-1"), "ntp_weight")
+    fails(_args(run, tok, data, out, "--ntp-weight", "-1"), "--ntp-weight: must be >= 0")
     fails(_args(run, tok, data, out, "--probe-lr", "0"), "probe lr")
     fails(_args(run, tok, data, out, "--until", "0"), "--until")
     other = tmp_path / "other.safetensors"
