@@ -178,8 +178,8 @@ def test_cli_errors_are_one_clear_line(setup, tmp_path, capsys):
                        resolution=16, iters=2).save(wrong_res)
     clip = str(setup["clip"])
     cases = [
-        (["--tokenizer", wrong_vocab, "--video", clip], "model vocabulary is 36 ids but the tokenizer has 16 codes"),
-        (["--tokenizer", wrong_res, "--video", clip], "different tokenizer (resolution 32 there vs 16 here)"),
+        (["--tokenizer", wrong_vocab, "--video", clip], f"n_codes {N_CODES} there vs 16 here"),
+        (["--tokenizer", wrong_res, "--video", clip], "different tokenizer (resolution 32 there vs 16 here, weights_sha256"),
         (["--video", clip, "--frames", 40], "max_seq_len=194"),
         (["--video", clip, "--stride", 100], "only 2 frames are kept at stride 100"),
         (["--video", clip, "--index", 3], "--index selects sequences of --data"),

@@ -123,3 +123,42 @@ def test_bad_input_is_a_data_error():
         tok.encode(f.astype(np.float32))
     with pytest.raises(DataError, match="lie in"):
         tok.decode(np.full((1, 2, 2), 4))
+
+
+def test_identity_hashes_the_weights_and_one_check_refuses_a_mismatch(tmp_path):
+    """Same shape, other codebook -> other fingerprint, refused by the shards' resume, by the
+    checkpoint check every evaluation runs, and a tokenizer of another resolution too."""
+    from toto.config import ModelConfig
+    from toto.data.shards import ShardGeometry, ShardWriter
+    from toto.errors import CheckpointError
+    from toto.eval.features import SequenceSpec, check_compatible
+    from toto.tokenizers.base import check_identity
+    from toto.vocab import VocabLayout
+    import hashlib
+
+    rng = np.random.default_rng(0)
+    cb = rng.uniform(0, 255, (16, 2 * 2 * 3)).astype(np.float32)
+    a, b = PatchTokenizer(cb, patch=2, resolution=8), PatchTokenizer(cb[::-1].copy(), patch=2, resolution=8)
+    ref = hashlib.sha256(b"codebook" + cb.tobytes()).hexdigest()[:16]  # independent: name + float32 bytes
+    assert a.identity()["weights_sha256"] == ref
+    assert b.fingerprint() != a.fingerprint()
+    a.save(tmp_path / "a.safetensors")
+    assert get_tokenizer(tmp_path / "a.safetensors").identity() == a.identity()
+    check_identity(a.identity(), a, "x")  # the same tokenizer passes
+    check_identity({k: v for k, v in a.identity().items() if k != "weights_sha256"}, b, "old record")
+
+    layout = VocabLayout(n_codes=16)
+    geo = ShardGeometry(a.grid, 1)
+    w = ShardWriter(tmp_path / "shards", layout, geo, a.identity(), sequences_per_shard=4)
+    w.close()
+    with pytest.raises(DataError, match="tokenizer"):
+        ShardWriter(tmp_path / "shards", layout, geo, b.identity(), sequences_per_shard=4, resume=True)
+
+    mcfg = ModelConfig(n_layers=1, n_heads=1, dim=8, ffn_dim=8, vocab_size=layout.vocab_size, max_seq_len=64)
+    state = {"tokenizer": a.identity(), "vocab": layout.to_dict()}
+    assert check_compatible(mcfg, state, a, SequenceSpec("image"), "ck") == layout
+    with pytest.raises(CheckpointError, match="weights_sha256"):
+        check_compatible(mcfg, state, b, SequenceSpec("image"), "ck")
+    half = PatchTokenizer(cb, patch=2, resolution=4)  # same codebook, another resolution
+    with pytest.raises(CheckpointError, match="resolution 8 there vs 4 here"):
+        check_compatible(mcfg, state, half, SequenceSpec("image"), "ck")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -27,6 +26,7 @@ def decode_sequence(data: str | Path, tok, index: int) -> tuple[np.ndarray, str]
     """Sequence ``index`` of a shard folder -> (``frames: (F, R, R, 3) uint8``, "video"|"image")."""
     from ..data.shards import ShardDataset
     from ..errors import DataError
+    from ..tokenizers.base import check_identity
 
     ds = ShardDataset(data)
     stored = ds.index.get("tokenizer", {})
@@ -34,8 +34,7 @@ def decode_sequence(data: str | Path, tok, index: int) -> tuple[np.ndarray, str]
         raise DataError(f"{data} was built with a tokenizer of {stored.get('n_codes')} codes and a "
                         f"{ds.geometry.grid[0]}x{ds.geometry.grid[1]} grid; {tok.kind} tokenizer has "
                         f"{tok.n_codes} codes and a {tok.grid[0]}x{tok.grid[1]} grid")
-    if stored != tok.identity():
-        logging.getLogger("toto.data").warning("%s: tokenizer identity differs from the shards' record", data)
+    check_identity(stored, tok, f"{data} (index.json)", DataError)
     if not 0 <= index < len(ds):
         raise DataError(f"{data} holds {len(ds)} sequences; --index {index} is out of range")
     seq = np.asarray(ds[index]).astype(np.int64)  # (seq_len,)

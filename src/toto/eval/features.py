@@ -242,7 +242,11 @@ def iter_codes(samples: list[Sample], indices: list[int], tokenizer, spec: Seque
 
 
 def check_compatible(model_cfg, state: dict, tokenizer, spec: SequenceSpec, where: str) -> VocabLayout:
-    """Refuse a checkpoint whose vocabulary or context cannot take this tokenizer's sequences."""
+    """Refuse a checkpoint whose tokenizer (kind, size, resolution, weights), vocabulary or
+    context differs from this tokenizer's sequences: the one check every evaluation runs."""
+    from ..tokenizers.base import check_identity
+
+    check_identity(state.get("tokenizer"), tokenizer, f"checkpoint {where}", CheckpointError)
     layout = VocabLayout(n_codes=tokenizer.n_codes)
     if model_cfg.vocab_size != layout.vocab_size:
         raise CheckpointError(

@@ -30,8 +30,9 @@ import torch
 
 from ..data.video import read_video
 from ..device import resolve_device
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_json
+from ..tokenizers.base import check_identity
 from ..vocab import VocabLayout
 
 # -- image metrics ------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def shard_inputs(folder: str | Path, indices: list[int], tokenizer, s: ForecastS
     if tuple(ds.geometry.grid) != tuple(tokenizer.grid):
         raise DataError(f"{folder}: shards hold {ds.geometry.grid[0]}x{ds.geometry.grid[1]} codes per frame, "
                         f"the tokenizer makes {tokenizer.grid[0]}x{tokenizer.grid[1]}")
-    _check_identity(ds.index.get("tokenizer"), tokenizer, f"{folder} (index.json)", DataError)
+    check_identity(ds.index.get("tokenizer"), tokenizer, f"{folder} (index.json)", DataError)
     if ds.geometry.frames_per_sequence < s.total_frames:
         raise DataError(f"{folder}: sequences hold {ds.geometry.frames_per_sequence} frames; forecasting needs "
                         f"{s.context_frames} context + {s.frames} real frames")
@@ -177,20 +178,6 @@ def shard_inputs(folder: str | Path, indices: list[int], tokenizer, s: ForecastS
             raise DataError(f"{folder}: sequence {i}: {e}") from None
         out.append(ForecastInput(f"seq{i:06d}", f"{folder}#{i}", codes, None))
     return out
-
-
-_IDENTITY_KEYS = ("kind", "n_codes", "downsample", "resolution")
-
-
-def _check_identity(saved: dict | None, tokenizer, where: str, error) -> None:
-    """Refuse a tokenizer whose kind/size differs from the one recorded with the data or model."""
-    if not isinstance(saved, dict):
-        return
-    mine = tokenizer.identity()
-    diff = {k: (saved[k], mine[k]) for k in _IDENTITY_KEYS if k in saved and k in mine and saved[k] != mine[k]}
-    if diff:
-        desc = ", ".join(f"{k} {a!r} there vs {b!r} here" for k, (a, b) in diff.items())
-        raise error(f"{where} was made with a different tokenizer ({desc}); pass the tokenizer it was built with")
 
 
 # -- outputs ------------------------------------------------------------------------------------
@@ -333,7 +320,6 @@ def load_for_forecast(checkpoint: str | Path, tokenizer_path: str | Path, s: For
     if s.stride is None:
         s.stride, s.stride_source = training_stride(cfg)
     layout = check_compatible(cfg.model, state, tok, SequenceSpec("video", s.total_frames, s.stride), where)
-    _check_identity(state.get("tokenizer"), tok, f"checkpoint {where}", CheckpointError)
     return model, cfg, state, tok, layout, device
 
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError
+from ..tokenizers.base import check_identity
 from . import davis
 
 DINO_RADIUS, DINO_ROWS = 12, 60
@@ -142,12 +143,7 @@ class ModelFeatures:
             raise CheckpointError(f"checkpoint vocabulary is {model.cfg.vocab_size} ids but the tokenizer has "
                                   f"{tokenizer.n_codes} codes (+{N_SPECIAL} specials = {want}): they were "
                                   f"not trained together")
-        recorded = (checkpoint_state or {}).get("tokenizer") or {}
-        for key in ("kind", "n_codes", "downsample", "resolution"):
-            mine = getattr(tokenizer, key, None) if key != "kind" else tokenizer.kind
-            if key in recorded and recorded[key] != mine:
-                raise CheckpointError(f"checkpoint was trained on tokens of a tokenizer with {key}="
-                                      f"{recorded[key]!r}, the tokenizer given has {key}={mine!r}")
+        check_identity((checkpoint_state or {}).get("tokenizer"), tokenizer, "checkpoint", CheckpointError)
 
     def describe(self) -> dict:
         return {"features": "model", "layer": self.layer, "context": self.context,

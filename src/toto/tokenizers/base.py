@@ -7,6 +7,7 @@ so ``get_tokenizer(path)`` can load any of them and shard indexes can record ``i
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -54,10 +55,26 @@ class Tokenizer(ABC):
     def metadata(self) -> dict[str, str]:
         return {KIND_KEY: self.kind, CONFIG_KEY: json.dumps(self.config())}
 
+    @abstractmethod
+    def tensors(self) -> dict:
+        """Every weight by name, as CPU float32 tensors (what ``save`` writes and ``fingerprint`` hashes)."""
+
+    def fingerprint(self) -> str:
+        """Content hash of the weights (16 hex digits): two tokenizers of one shape but different
+        codebooks or networks give different codes, so shapes alone cannot tell them apart.
+        Cached; ``save`` clears the cache."""
+        if getattr(self, "_fingerprint", None) is None:
+            h = hashlib.sha256()
+            for k, v in sorted(self.tensors().items()):
+                h.update(k.encode())
+                h.update(v.detach().float().contiguous().cpu().numpy().tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
     def identity(self) -> dict:
-        """What shard indexes and checkpoints record to detect a tokenizer mismatch."""
+        """What shard indexes, checkpoints and caches record to detect a tokenizer mismatch."""
         return {"kind": self.kind, "n_codes": self.n_codes, "downsample": self.downsample,
-                "resolution": self.resolution, "config": self.config()}
+                "resolution": self.resolution, "config": self.config(), "weights_sha256": self.fingerprint()}
 
     def check_codes(self, codes: np.ndarray, where: str = "codes") -> np.ndarray:
         """``(N, h, w)`` integer codes in ``[0, n_codes)`` -> int64."""
@@ -77,6 +94,23 @@ class Tokenizer(ABC):
             raise DataError(f"{where}: frame size {frames.shape[1]}x{frames.shape[2]} is not a multiple "
                             f"of the tokenizer's downsampling factor {self.downsample}")
         return frames
+
+
+IDENTITY_KEYS = ("kind", "n_codes", "downsample", "resolution", "weights_sha256")
+
+
+def check_identity(recorded: dict | None, tokenizer: Tokenizer | dict, where: str,
+                   error: type[Exception] = DataError, keys: tuple[str, ...] = IDENTITY_KEYS) -> None:
+    """The one tokenizer check: refuse ``tokenizer`` (or its recorded identity) when ``recorded``
+    (the identity saved with shards, a checkpoint or a cache) names another kind, size,
+    resolution or weights. Keys either record lacks are not compared (older records)."""
+    if not isinstance(recorded, dict):
+        return
+    mine = tokenizer if isinstance(tokenizer, dict) else tokenizer.identity()
+    diff = [k for k in keys if k in recorded and k in mine and recorded[k] != mine[k]]
+    if diff:
+        desc = ", ".join(f"{k} {recorded[k]!r} there vs {mine[k]!r} here" for k in diff)
+        raise error(f"{where} was made with a different tokenizer ({desc}); pass the tokenizer it was made with")
 
 
 _REGISTRY: dict[str, type[Tokenizer]] = {}

@@ -13,7 +13,6 @@ maps: the logit-Laplace location (the first 3) and log-scale (the last 3) of the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections import OrderedDict
@@ -249,10 +248,6 @@ class DVAETokenizer(Tokenizer):
     def config(self) -> dict:
         return {**asdict(self.cfg), "source": self.source}
 
-    def identity(self) -> dict:
-        """Adds a hash of the weights: two dVAEs of one architecture give different codes."""
-        return {**super().identity(), "weights_sha256": self.fingerprint()}
-
     def tensors(self) -> dict[str, torch.Tensor]:
         """``encoder.<name>`` and ``decoder.<name>`` with the reference's parameter names."""
         out = {}
@@ -260,15 +255,6 @@ class DVAETokenizer(Tokenizer):
             for k, v in net.state_dict().items():
                 out[f"{prefix}.{k}"] = v.detach().float().contiguous().cpu()
         return out
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            h = hashlib.sha256()
-            for k, v in sorted(self.tensors().items()):
-                h.update(k.encode())
-                h.update(v.numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
-        return self._fingerprint
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save

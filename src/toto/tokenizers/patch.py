@@ -165,16 +165,20 @@ class PatchTokenizer(Tokenizer):
     def config(self) -> dict:
         return {"n_codes": self.n_codes, "patch": self.downsample, "resolution": self.resolution}
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"codebook": self.codebook.detach().float().cpu().contiguous()}
+
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file
 
+        self._fingerprint = None
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = self.metadata()
         if self.fit_stats:
             meta["toto_patch_fit"] = json.dumps(self.fit_stats)
         with atomic_file(path) as tmp:
-            save_file({"codebook": self.codebook.detach().cpu().contiguous()}, str(tmp), metadata=meta)
+            save_file(self.tensors(), str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PatchTokenizer":

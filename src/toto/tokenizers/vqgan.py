@@ -349,15 +349,6 @@ class VQGANTokenizer(Tokenizer):
         """taming's parameter names (``encoder.conv_in.weight``, ``quantize.embedding.weight``...)."""
         return {k: v.detach().float().contiguous().cpu() for k, v in self.model.state_dict().items()}
 
-    def identity(self) -> dict:
-        """Adds a hash of the weights: two VQGANs of one architecture give different codes."""
-        return {**super().identity(), "weights_sha256": self.fingerprint()}
-
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = weights_fingerprint(self.tensors())
-        return self._fingerprint
-
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
 
@@ -386,13 +377,3 @@ class VQGANTokenizer(Tokenizer):
         model = VQGAN(cfg)
         load_state(model, load_file(str(path)), str(path))
         return cls(cfg, model, device=device, batch_size=batch_size, source=source)
-
-
-def weights_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for k, v in sorted(tensors.items()):
-        h.update(k.encode())
-        h.update(v.numpy().tobytes())
-    return h.hexdigest()[:16]

@@ -25,6 +25,7 @@ from ..data.mix import describe_sources, make_loader, mix_weights, open_shards, 
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
 from ..model.llama import Toto, is_hidden_matrix
+from ..tokenizers.base import IDENTITY_KEYS, check_identity
 from . import checkpoint as ckpt
 from .distributed import all_reduce_sum, barrier, init_distributed, wrap_model
 
@@ -112,15 +113,17 @@ class Trainer:
         self.out = Path(cfg.train.out_dir)
         self.progress = progress and self.dist.is_main
         self.state: dict = {"tokens": 0}
-        start, tensors = None, None
+        start, tensors, origin = None, None, {}
         if resume:
             start = ckpt.latest_checkpoint(self.out)
             if start is None:
                 raise CheckpointError(f"--resume: no checkpoint under {self.out / ckpt.CKPT_DIR}")
             saved_cfg, self.state, tensors = ckpt.read_checkpoint(start)
+            origin = self.state
             cfg = self._merge_resume_config(saved_cfg, cfg)
         elif init_from:
             src_cfg, src_state, tensors = ckpt.read_checkpoint(init_from)
+            origin = src_state
             for name in ARCH_FIELDS:
                 setattr(cfg.model, name, getattr(src_cfg.model, name))
             self.state["init_from"] = src_state["path"]
@@ -128,6 +131,11 @@ class Trainer:
         if not cfg.data.path:
             raise ConfigError("data.path is not set: pass --data DIR (a folder made by `toto tokenize`)")
         self.ds = open_shards(data_paths(cfg.data))
+        # the shards must come from the tokenizer the weights were trained on; --init-from may
+        # change the resolution (resolution fine-tuning), not the codebook
+        check_identity(origin.get("tokenizer"), self.ds.index.get("tokenizer") or {},
+                       f"checkpoint {start or init_from}", CheckpointError,
+                       keys=tuple(k for k in IDENTITY_KEYS if not (init_from and k == "resolution")))
         m = cfg.model
         if m.vocab_size is None:
             m.vocab_size = self.ds.layout.vocab_size
