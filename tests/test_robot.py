@@ -188,7 +188,7 @@ def test_checkpoint_tokenizer_mismatch(setup, tmp_path, capsys):
 
     frames = setup["eps"][0].frames
     # another codebook size (the vocabulary differs), and the same size at another resolution
-    for n_codes, res, what in ((16, RES, "vocabulary"), (24, 16, "different tokenizer")):
+    for n_codes, res, what in ((16, RES, "n_codes"), (24, 16, "different tokenizer")):
         other = tmp_path / f"tok{n_codes}.safetensors"
         PatchTokenizer.fit(resize_frames(frames, res), n_codes=n_codes, patch=8, resolution=res, iters=3).save(other)
         assert main(["robot", "train", "--demos", str(setup["demos"]), "--checkpoint", str(setup["ckpt"]),

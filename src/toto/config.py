@@ -27,7 +27,7 @@ class ModelConfig:
     n_layers: int = 12
     n_heads: int = 12
     dim: int = 768
-    ffn_dim: int = 3072  # SwiGLU hidden width; presets pick it so counts match SPEC.md
+    ffn_dim: int = 3072  # SwiGLU hidden width; presets pick it so counts match the paper (arXiv 2501.05453)
     vocab_size: int | None = 8196  # 8192 dVAE codes + 4 specials (see toto.vocab)
     max_seq_len: int | None = 4098  # 16 frames x 256 tokens + start + end
     rope_base: float = 10000.0

@@ -8,8 +8,8 @@ Layout (recorded in every shard index and checked by the loader):
     id 3            [3] start of an image sequence
     id 4 .. 4+K-1   visual codes 0 .. K-1 of the tokenizer (K = 8192 for the DALL-E dVAE)
 
-Keeping SPEC.md's numbers ([1], [2], [3]) as the literal ids means a sequence printed from a
-shard reads like the paper; the visual codes are shifted by ``CODE_OFFSET``.
+Keeping the paper's numbers ([1], [2], [3]; arXiv 2501.05453) as the literal ids means a
+sequence printed from a shard reads like the paper; the visual codes are shifted by ``CODE_OFFSET``.
 """
 
 from __future__ import annotations

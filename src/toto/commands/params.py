@@ -1,4 +1,4 @@
-"""`toto params`: parameter counts of the presets next to SPEC.md's figures."""
+"""`toto params`: parameter counts of the presets next to the paper's figures (arXiv 2501.05453)."""
 
 from __future__ import annotations
 
