@@ -31,7 +31,7 @@ def run(args, nproc=None):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(29500 + os.getpid() % 1000), "-m", "toto.train", *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -85,3 +85,20 @@ def test_weighted_mix_on_two_ranks_matches_one(data, tmp_path):
     assert len(keys) == 2, keys  # one val loss per source
     for key in keys:
         assert abs(curve(tmp_path / "one", key)[-1] - curve(tmp_path / "two", key)[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("n_val", [1, 2, 3])
+def test_uneven_validation_split_does_not_deadlock(n_val, data, tmp_path):
+    """1, 2 or 3 val sequences on 2 ranks: one rank has fewer (or no) val batches, yet every
+    rank must issue the same collectives (an FSDP forward is one). Before the fix rank 0 sat in
+    a collective and rank 1 in all_reduce forever; the timeout turns a hang into a failure.
+    The pooled val loss equals one process's."""
+    short = [*COMMON[:COMMON.index("--steps")], "--steps", "2", *COMMON[COMMON.index("--steps") + 2:],
+             f"data.val_max_sequences={n_val}", "train.eval_interval=2", "train.eval_batches=2",
+             "train.micro_batch_size=2", "train.batch_tokens=68"]
+    run(["--data", str(data), "--out", str(tmp_path / "one"), *short])
+    ref = curve(tmp_path / "one", "val_loss")
+    for mode in ("ddp", "fsdp"):
+        run(["--data", str(data), "--out", str(tmp_path / mode), *short, f"train.parallel={mode}"], nproc=2)
+        got = curve(tmp_path / mode, "val_loss")
+        assert len(got) == len(ref) == 1 and abs(got[0] - ref[0]) < 1e-4, (mode, ref, got)

@@ -6,6 +6,7 @@ names the offending field for any impossible value.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -217,8 +218,18 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def build_config(preset_name: str | None = None, yaml_path: str | None = None,
-                 overrides: list[str] | None = None) -> Config:
-    """Preset, then YAML, then command-line overrides; validated."""
+                 overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    """Preset, then YAML, then command-line overrides; validated. With ``base`` (a resumed
+    run's saved config) they are applied on top of it, so only what the user names changes."""
+    if base is not None:
+        cfg = copy.deepcopy(base)
+        if preset_name:
+            preset(preset_name)  # an unknown name is refused there
+            apply_dict(cfg, PRESETS[preset_name], f"preset {preset_name}")
+        if yaml_path:
+            apply_dict(cfg, read_yaml_mapping(yaml_path, "config file", "model/data/train sections"), yaml_path)
+        apply_overrides(cfg, overrides or [])
+        return validate(cfg)
     cfg = preset(preset_name) if preset_name else None
     if yaml_path:
         cfg = load_yaml(yaml_path, cfg)  # a YAML `preset:` key applies when --preset is not given

@@ -1,4 +1,5 @@
-"""Atomic writes: write to a temporary name in the same folder, then rename."""
+"""Atomic writes (write to a temporary name in the same folder, then rename) and the exclusive
+lock every writing job takes on its output folder."""
 
 from __future__ import annotations
 
@@ -8,7 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, TotoError
+
+LOCK_NAME = ".toto.lock"
+
+
+class FolderLockedError(TotoError):
+    """Another live process is writing the same output folder."""
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -123,3 +130,45 @@ def read_text(path: str | Path) -> str:
 def read_lines(path: str | Path) -> list[str]:
     """The lines of a user's text file (see read_text), any line ending."""
     return read_text(path).splitlines()
+
+
+@contextlib.contextmanager
+def dir_lock(folder: str | Path, what: str = "job"):
+    """Hold an exclusive lock on ``folder`` (created if missing) while a job writes it.
+
+    Two jobs writing one folder corrupt it (interleaved metrics, shards of one run deleted by
+    the other), so the second is refused with one line naming the holder. The lock is an
+    ``flock`` on ``<folder>/.toto.lock``: the kernel drops it when its process dies, however it
+    dies, so a killed job never leaves a stale lock behind (on one host; network file systems
+    without flock support are not covered). The file records who holds it, for the message."""
+    import fcntl
+    import socket
+    import time
+
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file (an output folder is expected here)")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            raise FolderLockedError(f"{folder} is being written by another {what} ({holder}); wait for it "
+                                    f"to finish or use another output folder") from None
+        info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def run_files(folder: str | Path) -> list[Path]:
+    """What a run folder holds besides its lock (empty: a new job may start there)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)

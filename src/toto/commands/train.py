@@ -15,7 +15,13 @@ def add_arguments(p):
                    "data.weights=[w1,w2,...])")
     p.add_argument("--out", help="run folder for checkpoints and metrics (sets train.out_dir)")
     p.add_argument("--steps", type=positive_int, help="optimizer steps (sets train.max_steps)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's latest checkpoint with the run's saved settings (only "
+                        "--steps, --until and logging/checkpoint intervals may change)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (checkpoints, metrics) and start a new one there")
+    p.add_argument("--allow-incomplete", action="store_true",
+                   help="train on a shard folder whose toto tokenize was interrupted (complete=false)")
     p.add_argument("--until", type=positive_int, metavar="STEP",
                    help="stop at this step with a checkpoint (the schedule still runs to --steps)")
     p.add_argument("--init-from", metavar="CKPT",
@@ -26,6 +32,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from ..config import build_config
+    from ..train.checkpoint import latest_checkpoint, read_config
     from ..train.distributed import shutdown
     from ..train.trainer import Trainer
 
@@ -36,8 +44,16 @@ def run(args) -> int:
         args.rope_base = 50000.0
     if args.rope_base is not None:
         args.overrides.append(f"model.rope_base={args.rope_base}")
-    cfg = config_from_args(args)
-    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, init_from=args.init_from)
+    saved = None
+    if args.resume:  # the run's saved settings, changed only where this command line says so
+        where = build_config(None, None, [o for o in args.overrides if o.startswith("train.out_dir=")])
+        saved = latest_checkpoint(where.train.out_dir)
+    if saved is not None:
+        cfg = build_config(args.preset, args.config, args.overrides, base=read_config(saved))
+    else:
+        cfg = config_from_args(args)
+    trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, init_from=args.init_from,
+                      overwrite=args.overwrite, allow_incomplete=args.allow_incomplete)
     main = trainer.dist.is_main
     try:
         if main:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..ioutil import atomic_write_json
+from ..ioutil import atomic_write_json, dir_lock
 from ..tokenizers.base import Tokenizer
 from ..vocab import VocabLayout
 from .images import read_image
@@ -213,12 +213,17 @@ def inputs_digest(items: list[tuple[int, Path, str]]) -> str:
 def build_shards(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
                  opts: BuildOptions | None = None) -> dict:
     """Tokenize videos/images under ``inputs`` into shards at ``out_dir``; returns the summary
-    (also written to ``out_dir/summary.json``)."""
-    from tqdm import tqdm
-
+    (also written to ``out_dir/summary.json``). Holds the folder's lock throughout: a second
+    tokenize into the same folder is refused instead of deleting this one's shards."""
     opts = opts or BuildOptions()
     opts.check()
-    out_dir = Path(out_dir)
+    with dir_lock(out_dir, "toto tokenize"):
+        return _build_locked(inputs, tokenizer, Path(out_dir), opts)
+
+
+def _build_locked(inputs, tokenizer: Tokenizer, out_dir: Path, opts: BuildOptions) -> dict:
+    from tqdm import tqdm
+
     videos, images = find_media(inputs)
     items = [(i, p, "video") for i, p in enumerate(videos)]
     items += [(len(videos) + j, p, "image") for j, p in enumerate(images)]

@@ -66,15 +66,21 @@ def source_names(dirs: list[Path]) -> list[str]:
     return [f"{n}#{i}" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
-def open_shards(paths: list[str]) -> ShardDataset | MixedShards:
-    """One folder: the plain ShardDataset (today's behaviour); several: their mix."""
+def open_shards(paths: list[str], allow_incomplete: bool = False) -> ShardDataset | MixedShards:
+    """One folder: the plain ShardDataset (today's behaviour); several: their mix. A folder whose
+    ``toto tokenize`` was interrupted (``complete: false``) is refused unless ``allow_incomplete``:
+    training on part of a corpus without noticing is a silent mistake."""
     sources = []
     for i, p in enumerate(paths):
+        where = "data.path" if len(paths) == 1 else f"data.path[{i}]"
         try:
-            sources.append(ShardDataset(p))
+            ds = ShardDataset(p)
         except DataError as e:
-            where = "data.path" if len(paths) == 1 else f"data.path[{i}]"
             raise DataError(f"{where}: {e}") from None
+        if not ds.index.get("complete", True) and not allow_incomplete:
+            raise DataError(f"{where}: {p} is unfinished (its toto tokenize was interrupted: complete=false "
+                            f"in its index); finish it with `toto tokenize --resume` or pass --allow-incomplete")
+        sources.append(ds)
     return sources[0] if len(sources) == 1 else MixedShards(sources)
 
 

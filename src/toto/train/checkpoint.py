@@ -124,6 +124,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
+def read_config(path: str | Path) -> Config:
+    """The run config saved with a checkpoint (a checkpoint folder or a run folder)."""
+    p = resolve_checkpoint(path) / "config.json"
+    return config_from_dict(read_json(p))
+
+
 def read_checkpoint(path: str | Path) -> tuple[Config, dict, dict[str, torch.Tensor]]:
     """(config, state, model tensors) of a checkpoint folder or run folder."""
     p = resolve_checkpoint(path)

@@ -9,8 +9,10 @@ uninterrupted loss curve.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from ..config import Config, data_paths, validate
 from ..data.loader import val_batches
 from ..data.mix import describe_sources, make_loader, mix_weights, open_shards, split_sources
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl
+from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, dir_lock, read_jsonl, run_files
 from ..model.llama import Toto, is_hidden_matrix
 from ..tokenizers.base import IDENTITY_KEYS, check_identity
 from . import checkpoint as ckpt
@@ -106,12 +108,17 @@ class Trainer:
     with longer sequences and a new RoPE base); ``resume`` continues this run exactly."""
 
     def __init__(self, cfg: Config, resume: bool = False, progress: bool = True,
-                 init_from: str | Path | None = None):
+                 init_from: str | Path | None = None, overwrite: bool = False,
+                 allow_incomplete: bool = False):
         if resume and init_from:
             raise ConfigError("--resume continues this run; --init-from starts a new one: pass only one")
+        if resume and overwrite:
+            raise ConfigError("--resume continues the run in the folder; --overwrite deletes it: pass only one")
         self.dist, self.device = init_distributed(cfg.train.device)
         self.out = Path(cfg.train.out_dir)
         self.progress = progress and self.dist.is_main
+        self._lock = contextlib.ExitStack()
+        self._claim_folder(resume, overwrite)
         self.state: dict = {"tokens": 0}
         start, tensors, origin = None, None, {}
         if resume:
@@ -130,7 +137,7 @@ class Trainer:
         self.cfg = validate(cfg)
         if not cfg.data.path:
             raise ConfigError("data.path is not set: pass --data DIR (a folder made by `toto tokenize`)")
-        self.ds = open_shards(data_paths(cfg.data))
+        self.ds = open_shards(data_paths(cfg.data), allow_incomplete)
         # the shards must come from the tokenizer the weights were trained on; --init-from may
         # change the resolution (resolution fine-tuning), not the codebook
         check_identity(origin.get("tokenizer"), self.ds.index.get("tokenizer") or {},
@@ -191,15 +198,57 @@ class Trainer:
     def precision(self) -> str:
         return "bf16 autocast" if uses_bf16(self.device, self.cfg.train.dtype) else "fp32"
 
-    @staticmethod
-    def _merge_resume_config(saved: Config, given: Config) -> Config:
-        """Resume with the saved config; only the run's length, logging and placement may change."""
-        for name in ("max_steps", "eval_interval", "ckpt_interval", "log_interval", "tensorboard",
-                     "device", "keep_checkpoints", "parallel", "compile"):
-            setattr(saved.train, name, getattr(given.train, name))
-        if given.data.weights is not None and given.data.weights != saved.data.weights:
-            raise ConfigError(f"--resume: data.weights={given.data.weights} differ from the run's "
-                              f"{saved.data.weights}; start a new run (--out) to change the mix")
+    def _claim_folder(self, resume: bool, overwrite: bool) -> None:
+        """Rank 0 locks the run folder for the whole run (a second writer is refused); a new run
+        never starts in a folder holding another run's checkpoints and metrics (keep-last-N
+        would delete its own newest checkpoints in favour of the old run's) unless ``overwrite``
+        clears it first. Every rank sees the same verdict: the check precedes any write."""
+        existing = run_files(self.out)
+        if existing and not resume and not overwrite:
+            raise ConfigError(f"{self.out} already holds a run ({', '.join(p.name for p in existing[:4])}); "
+                              f"pass --resume to continue it, --overwrite to delete it and start again, "
+                              f"or choose another --out")
+        if self.dist.is_main:
+            self._lock.enter_context(dir_lock(self.out, "toto train"))
+            if overwrite:
+                for p in run_files(self.out):
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        barrier()
+
+    def close(self) -> None:
+        """Release the run folder's lock (``fit`` does it when it returns)."""
+        self._lock.close()
+
+    # fields a resume may change: the run's length, logging and placement
+    RESUMABLE_CHANGES = {"train": ("max_steps", "eval_interval", "ckpt_interval", "log_interval", "tensorboard",
+                                   "device", "keep_checkpoints", "parallel", "compile"),
+                         "data": ("path",)}
+
+    @classmethod
+    def _merge_resume_config(cls, saved: Config, given: Config) -> Config:
+        """Resume with the saved config. ``given`` must agree with it except for
+        ``RESUMABLE_CHANGES`` (applied, and recorded in config.json): a changed learning rate,
+        batch, model or data split is refused with the fields named, never silently ignored.
+        (``toto train --resume`` builds ``given`` on top of the saved config, so only what the
+        command line names can differ.)"""
+        changed = []
+        for section in ("model", "data", "train"):
+            old, new = getattr(saved, section), getattr(given, section)
+            for f in dataclasses.fields(old):
+                a, b = getattr(old, f.name), getattr(new, f.name)
+                if a == b or b is None or f.name in cls.RESUMABLE_CHANGES.get(section, ()):
+                    continue  # None: not set (e.g. vocab_size, filled in from the data at the start)
+                if section == "train" and f.name == "out_dir":
+                    continue
+                changed.append(f"{section}.{f.name} ({a!r} -> {b!r})")
+        if changed:
+            raise ConfigError(f"--resume: the run was started with other settings: {', '.join(changed)}; "
+                              f"resume without them or start a new run (--out)")
+        for section, names in cls.RESUMABLE_CHANGES.items():
+            for name in names:
+                if section == "data":
+                    continue
+                setattr(saved.train, name, getattr(given.train, name))
         if given.data.path:
             old, new = data_paths(saved.data), data_paths(given.data)
             if len(old) != len(new):
@@ -248,15 +297,26 @@ class Trainer:
         return total / max(count, 1)
 
     def _val_sum(self, idx) -> tuple[float, float]:
-        """(summed NLL, target count) over the fixed val batches of ``idx``, all ranks together."""
+        """(summed NLL, target count) over the fixed val batches of ``idx``, all ranks together.
+
+        Every rank runs the same number of forwards: a rank whose share of ``idx`` is shorter
+        (fewer val sequences than ranks, or a remainder) evaluates padding batches that count
+        zero. Under FSDP each forward is a collective, so unequal counts would deadlock."""
+        t = self.cfg.train
+        world = self.dist.world_size
+        per_rank = -(-len(idx) // world)  # rank 0's share, the largest
+        n_batches = min(t.eval_batches, -(-per_rank // t.micro_batch_size))
+        mine = list(val_batches(self.ds, idx, t.micro_batch_size, t.eval_batches, self.dist.rank, world))
         total, count = 0.0, 0
-        for batch in val_batches(self.ds, idx, self.cfg.train.micro_batch_size,
-                                 self.cfg.train.eval_batches, self.dist.rank, self.dist.world_size):
+        for b in range(n_batches):
+            real = b < len(mine)
+            batch = mine[b] if real else next(val_batches(self.ds, idx[:1], 1, 1))
             inputs, targets = shift_targets(batch.to(self.device), self.ds.layout.pad)
-            with autocast_for(self.device, self.cfg.train.dtype):
-                _, loss = self.forward(inputs, targets)
-            n = int((targets != -1).sum())
-            total, count = total + float(loss) * n, count + n
+            with autocast_for(self.device, t.dtype):
+                _, loss = self.model(inputs, targets)
+            if real:
+                n = int((targets != -1).sum())
+                total, count = total + float(loss) * n, count + n
         total, count = all_reduce_sum([total, count], self.device)
         return total, count
 
@@ -326,7 +386,8 @@ class Trainer:
         self.model.train()
         bar = tqdm(total=t.max_steps, initial=self.step, desc="train", unit="step",
                    disable=not self.progress, dynamic_ncols=True)
-        loss, val, last_ckpt = float("nan"), None, ckpt.latest_checkpoint(self.out)
+        loss, val = self._last_logged("loss"), self._last_logged("val_loss")  # a finished run resumed
+        last_ckpt = ckpt.latest_checkpoint(self.out)
         tic = time.perf_counter()
         try:
             while self.step < stop:
@@ -363,7 +424,12 @@ class Trainer:
                              self.sources)
         if self.dist.is_main:
             atomic_write_json(self.out / "summary.json", summary.__dict__)
+        self.close()
         return summary
+
+    def _last_logged(self, key: str) -> float | None:
+        values = [r[key] for r in read_jsonl(self.metrics_path) if key in r] if self.dist.is_main else []
+        return values[-1] if values else None
 
 
 def _check_same_sources(saved: list[dict] | None, now: list[dict]) -> None:

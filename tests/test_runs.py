@@ -1,0 +1,132 @@
+"""Run folders under faults: a new run never destroys an old one, two writers never share a
+folder, a bare --resume continues with the run's own settings, unfinished shard folders are
+refused, and a finished run resumed keeps a strict-JSON summary."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import write_shards
+from toto.cli import main
+from toto.ioutil import dir_lock, read_jsonl
+
+TINY = ["--preset", "tiny", "--no-progress", "model.n_layers=2", "model.dim=32", "model.n_heads=2",
+        "model.ffn_dim=64", "train.micro_batch_size=4", "train.batch_tokens=144", "train.warmup_steps=2",
+        "train.eval_interval=4", "train.log_interval=1", "train.tensorboard=false", "train.lr=3e-3"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("d") / "shards", n_seq=40)
+
+
+def train(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), *TINY, *extra])
+
+
+def steps_on_disk(out):
+    return sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+
+
+def one_line_error(capsys, code, *words):
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_new_run_into_existing_run_is_refused_and_overwrite_clears(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(data, out, "--steps", "8", "train.ckpt_interval=2") == 0
+    before = steps_on_disk(out)
+    assert before == ["step_00000004", "step_00000006", "step_00000008"]
+    metrics = (out / "metrics.jsonl").read_bytes()
+    one_line_error(capsys, train(data, out, "--steps", "4", "train.ckpt_interval=2"), str(out), "--resume",
+                   "--overwrite")
+    assert steps_on_disk(out) == before and (out / "metrics.jsonl").read_bytes() == metrics
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000008"
+
+    assert train(data, out, "--steps", "4", "train.ckpt_interval=2", "--overwrite") == 0
+    assert steps_on_disk(out) == ["step_00000002", "step_00000004"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_second_writer_is_refused_while_the_first_holds_the_folder(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    with dir_lock(out, "test"):
+        one_line_error(capsys, train(data, out, "--steps", "2"), str(out), "being written", str(os.getpid()))
+        code = main(["tokenize", str(tmp_path), "--tokenizer", str(tmp_path / "none.safetensors"), "--out", str(out)])
+        assert code == 2  # refused (missing tokenizer or the lock): never writes into a held folder
+    assert not (out / "checkpoints").exists()
+    assert train(data, out, "--steps", "2") == 0  # released
+
+
+def test_lock_of_a_killed_process_is_not_stale(tmp_path):
+    """flock dies with its process: a SIGKILLed writer leaves nothing that blocks the next one."""
+    out = tmp_path / "held"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from toto.ioutil import dir_lock
+        with dir_lock({str(out)!r}):
+            print("held", flush=True)
+            time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        from toto.ioutil import FolderLockedError
+        with pytest.raises(FolderLockedError, match=f"pid {proc.pid}"):
+            with dir_lock(out):
+                pass
+    finally:
+        proc.kill()
+        proc.wait()
+    with dir_lock(out):  # the lock file is still there, its lock is not
+        assert (out / ".toto.lock").exists()
+
+
+def test_bare_resume_keeps_the_runs_settings(data, tmp_path, capsys):
+    settings = ["--steps", "12", "train.ckpt_interval=3", "train.eval_interval=6", "train.lr=5e-3"]
+    assert train(data, tmp_path / "full", *settings) == 0
+    assert train(data, tmp_path / "cut", *settings, "--until", "6") == 0
+    # a changed learning rate or batch is refused, naming the fields
+    for bad, field in (("train.lr=1e-2", "train.lr"), ("train.micro_batch_size=2", "train.micro_batch_size"),
+                       ("model.dim=64", "model.dim")):
+        err = one_line_error(capsys, main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress",
+                                           bad]), field)
+        assert "other settings" in err
+    # bare --resume: no data path, no preset, no settings: the saved ones
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    full = [r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    cut = [r["loss"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl") if "loss" in r]
+    assert len(full) == len(cut) == 12 and max(abs(a - b) for a, b in zip(full, cut)) < 1e-6
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())["train"]
+    assert saved["max_steps"] == 12 and saved["ckpt_interval"] == 3 and saved["lr"] == 5e-3
+
+    # a finished run resumed: nothing to do, and summary.json stays strict JSON with the last losses
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress"]) == 0
+    text = (tmp_path / "cut" / "summary.json").read_text()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
+    assert summary["train_loss"] == pytest.approx(cut[-1])
+    assert summary["val_loss"] == [r["val_loss"] for r in read_jsonl(tmp_path / "cut" / "metrics.jsonl")
+                                   if "val_loss" in r][-1]
+    # extending a run is a legitimate change: applied and recorded
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress", "--steps", "14"]) == 0
+    assert json.loads((tmp_path / "cut" / "config.json").read_text())["train"]["max_steps"] == 14
+    assert json.loads((tmp_path / "cut" / "summary.json").read_text())["steps"] == 14
+
+
+def test_unfinished_shard_folder_is_refused_unless_allowed(tmp_path, capsys):
+    shards = write_shards(tmp_path / "shards", n_seq=40)
+    index = json.loads((shards / "index.json").read_text())
+    index["complete"] = False
+    (shards / "index.json").write_text(json.dumps(index))
+    one_line_error(capsys, train(shards, tmp_path / "r", "--steps", "2"), "unfinished", "--allow-incomplete")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert train(shards, tmp_path / "r", "--steps", "2", "--allow-incomplete") == 0
