@@ -152,8 +152,8 @@ class Quickstart:
         args = ["train", "--preset", self.o.preset, "--data", self.paths["shards"], "--out", run]
         from .train.checkpoint import latest_checkpoint
 
-        if latest_checkpoint(run) is not None:
-            args.append("--resume")
+        # resume from a checkpoint; a run killed before its first one left nothing worth keeping
+        args.append("--resume" if latest_checkpoint(run) is not None else "--overwrite")
         self._cli(*args, *self.o.train_overrides())
 
     def _probe_data(self) -> Path:

@@ -255,7 +255,8 @@ def run_grid(specs: list[RunSpec], out_dir: str | Path, progress: bool = True, l
             f"{spec.tokens_per_step} tokens, {nonembedding_params(spec.cfg.model) / 1e6:.3f}M "
             f"non-embedding params, {spec.flops_per_token * spec.steps * spec.tokens_per_step:.3g} FLOPs")
         try:
-            Trainer(copy.deepcopy(spec.cfg), resume=resume, progress=progress).fit()
+            # no checkpoint yet: whatever a killed attempt left (metrics, config) is redone
+            Trainer(copy.deepcopy(spec.cfg), resume=resume, overwrite=not resume, progress=progress).fit()
             trained += 1
         except TrainingError as e:
             failed[spec.name] = str(e)
