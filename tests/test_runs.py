@@ -130,3 +130,32 @@ def test_unfinished_shard_folder_is_refused_unless_allowed(tmp_path, capsys):
     one_line_error(capsys, train(shards, tmp_path / "r", "--steps", "2"), "unfinished", "--allow-incomplete")
     assert not (tmp_path / "r" / "checkpoints").exists()
     assert train(shards, tmp_path / "r", "--steps", "2", "--allow-incomplete") == 0
+
+
+def test_sigterm_saves_a_consistent_checkpoint_and_resumes_exactly(data, tmp_path):
+    """Schedulers (Slurm, Kubernetes) send SIGTERM before killing: the run finishes its step,
+    saves, exits 143, and --resume continues on the uninterrupted curve."""
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "toto.cli", "train", "--data", str(data), *TINY, "--steps", "60",
+            "train.ckpt_interval=1000"]  # no periodic checkpoint: only the signal writes one
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(args + ["--out", str(tmp_path / "full")], check=True, env=env, capture_output=True)
+    run = tmp_path / "cut"
+    proc = subprocess.Popen(args + ["--out", str(run)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_jsonl(run / "metrics.jsonl")) < 5:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "Traceback" not in err, err
+    saved = steps_on_disk(run)
+    assert len(saved) == 1 and int(saved[0][5:]) < 60, saved
+    r = subprocess.run(args + ["--out", str(run), "--resume"], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    full = [r["loss"] for r in read_jsonl(tmp_path / "full" / "metrics.jsonl") if "loss" in r]
+    cut = [r["loss"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r]
+    assert len(full) == len(cut) == 60 and max(abs(a - b) for a, b in zip(full, cut)) < 1e-6

@@ -144,7 +144,13 @@ def test_resolution_finetune_from_checkpoint(tmp_path, capsys):
                  "--steps", "2", "--no-progress", "--init-from", str(src), *TINY,
                  "model.n_layers=7"]) == 0  # architecture comes from the checkpoint, not the flags
     start = capsys.readouterr().out.splitlines()[0]  # the start line says what runs
-    assert "2 layers, width 32" in start and start.endswith("cpu, fp32, torch.compile off, data parallel: none")
+    from toto.device import resolve_device
+    from toto.train.trainer import uses_bf16
+
+    device = resolve_device("auto")  # train.device defaults to auto: CUDA where there is one
+    precision = "bf16 autocast" if uses_bf16(device, "auto") else "fp32"
+    assert "2 layers, width 32" in start
+    assert start.endswith(f"{device}, {precision}, torch.compile off, data parallel: none"), start
     saved = json.loads((tmp_path / "b" / "checkpoints" / "step_00000002" / "config.json").read_text())
     assert saved["model"]["rope_base"] == 50000.0 and saved["model"]["max_seq_len"] == 2 + 4 * 16
     assert saved["model"]["n_layers"] == 2

@@ -130,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.threads)
         code = args._run(args)
         sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, not at interpreter exit
-    except KeyboardInterrupt:
-        print(f"toto {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print(f"toto {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 143 if "SIGTERM" in str(e) else 130
     except BrokenPipeError:
         # the reader (`| head`) has what it wanted: stop quietly, as cat does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -119,6 +119,8 @@ class Trainer:
         self.progress = progress and self.dist.is_main
         self._lock = contextlib.ExitStack()
         self._claim_folder(resume, overwrite)
+        self._signals = StopSignals(install=False)  # fit() installs the handlers while it runs
+        self.stop_requested = False
         self.state: dict = {"tokens": 0}
         start, tensors, origin = None, None, {}
         if resume:
@@ -343,8 +345,11 @@ class Trainer:
                     _, loss = self.forward(inputs, targets)
                 (loss / self.accum).backward()
             total += loss.detach() / self.accum
-        # one host sync per optimizer step; the logged loss is the mean over ranks
-        total = all_reduce_sum([float(total)], self.device)[0] / self.dist.world_size
+        # one host sync per optimizer step; the logged loss is the mean over ranks, and a stop
+        # signal seen by any rank stops them all at this same step
+        total, stops = all_reduce_sum([float(total), float(bool(self._signals.received))], self.device)
+        total /= self.dist.world_size
+        self.stop_requested = stops > 0
         if not math.isfinite(total):
             raise TrainingError(f"loss became {total} at step {self.step}; lower train.lr or check the "
                                 f"data (last checkpoint: {ckpt.latest_checkpoint(self.out)})")
@@ -389,8 +394,11 @@ class Trainer:
         loss, val = self._last_logged("loss"), self._last_logged("val_loss")  # a finished run resumed
         last_ckpt = ckpt.latest_checkpoint(self.out)
         tic = time.perf_counter()
+        self._signals = StopSignals()
         try:
             while self.step < stop:
+                if self.stop_requested:
+                    raise StopRequested(self._signals.received or "a signal on another rank")
                 loss, gnorm = self.train_step()
                 self.step += 1
                 self.state["tokens"] += self.tokens_per_step
@@ -412,11 +420,12 @@ class Trainer:
                                       f"(uniform {uniform:.4f})")
                 if self.step % t.ckpt_interval == 0 or self.step == stop:
                     last_ckpt = self.save()
-        except KeyboardInterrupt:
-            bar.write(f"interrupted at step {self.step}; saving a checkpoint to resume from")
+        except StopRequested as e:
+            bar.write(f"{e} at step {self.step}; saving a checkpoint to resume from")
             self.save()
             raise
         finally:
+            self._signals.restore()
             bar.close()
             if tb is not None:
                 tb.close()
@@ -430,6 +439,42 @@ class Trainer:
     def _last_logged(self, key: str) -> float | None:
         values = [r[key] for r in read_jsonl(self.metrics_path) if key in r] if self.dist.is_main else []
         return values[-1] if values else None
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the trainer finished its step, saved, and stops."""
+
+
+class StopSignals:
+    """SIGINT and SIGTERM (what Slurm and Kubernetes send before killing a job) only set a flag;
+    the loop checks it between optimizer steps, so the checkpoint it then writes is a consistent
+    step (weights, optimizer and loader position agree) and arrives within one step. A second
+    signal stops at once, as the default handlers would."""
+
+    def __init__(self, install: bool = True):
+        import signal
+        import threading
+
+        self.received: str = ""
+        self._old = {}
+        if not install or threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        import signal
+
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 def _check_same_sources(saved: list[dict] | None, now: list[dict]) -> None:
