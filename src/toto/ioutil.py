@@ -9,7 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import DataError, TotoError
+from .errors import CheckpointError, DataError, TotoError
 
 LOCK_NAME = ".toto.lock"
 
@@ -172,3 +172,38 @@ def run_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
+
+
+CHECKSUMS = "checksums.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_checksums(folder: str | Path) -> None:
+    """Record one SHA-256 per file of a folder being written (a checkpoint), so a reader can
+    tell a file damaged after the write (a bad disk, a partial copy, an edit) from a good one:
+    safetensors checks its header, not its bytes, and garbage weights load silently."""
+    folder = Path(folder)
+    sums = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != CHECKSUMS}
+    atomic_write_json(folder / CHECKSUMS, sums)
+
+
+def verify_checksums(folder: str | Path, names: list[str]) -> None:
+    """Check ``names`` against the folder's recorded checksums (folders written before they
+    were recorded are accepted as they are); CheckpointError naming the first damaged file."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return
+    sums = read_json(folder / CHECKSUMS)
+    for name in names:
+        if name in sums and (not (folder / name).is_file() or file_sha256(folder / name) != sums[name]):
+            raise CheckpointError(f"{folder / name}: does not match the checksum recorded when it was written "
+                                  f"(damaged or changed since); restore it or resume from another checkpoint")

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
-from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl
+from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl, verify_checksums
 from ..vocab import token_dtype
 from .features import LabelledDataset, SequenceSpec, file_identity, iter_codes, open_chunk_cache
 from .probe import Probe, ProbeConfig, cosine_lr, epoch_steps, topk_accuracy
@@ -411,6 +411,7 @@ class FinetuneJob:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ConfigError(f"--resume: {path.parent.parent} was started with other settings ({', '.join(diff)} "
                               f"differ); rerun with the original ones or choose another --out")
+        verify_checksums(path, ["probe.safetensors", "optimizer.safetensors", "optimizer.json"])
         try:
             load_weights(model, tensors, str(path))
             probe.load_state_dict(load_file(str(path / "probe.safetensors"), device=str(probe.head.weight.device)))

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from ..config import Config, config_from_dict
 from ..errors import CheckpointError
 from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir, load_tensors,
-                      read_json)
+                      read_json, verify_checksums, write_checksums)
 
 CKPT_DIR = "checkpoints"
 
@@ -90,6 +90,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state, config: Config,
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{extra}.safetensors"))
     atomic_write_json(tmp / "config.json", config.to_dict())
     atomic_write_json(tmp / "state.json", {"step": step, **state})
+    write_checksums(tmp)
     atomic_replace_dir(tmp, root / name)
     atomic_write_bytes(root / "latest", name.encode())
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
@@ -133,6 +134,7 @@ def read_config(path: str | Path) -> Config:
 def read_checkpoint(path: str | Path) -> tuple[Config, dict, dict[str, torch.Tensor]]:
     """(config, state, model tensors) of a checkpoint folder or run folder."""
     p = resolve_checkpoint(path)
+    verify_checksums(p, ["model.safetensors", "config.json", "state.json"])
     try:
         cfg = config_from_dict(json.loads((p / "config.json").read_text()))
         state = json.loads((p / "state.json").read_text())
@@ -170,6 +172,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     f = path / "optimizer.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{path}: optimizer state missing; cannot resume training exactly")
+    verify_checksums(path, ["optimizer.safetensors", "optimizer.json"])
     meta = read_json(path / "optimizer.json")
     osd = optimizer_from_tensors(load_tensors(f), meta)
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
