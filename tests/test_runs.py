@@ -181,3 +181,11 @@ def test_damaged_weights_are_refused_by_checksum(data, tmp_path, capsys):
     from toto.train.checkpoint import load_model
     with pytest.raises(CheckpointError, match="checksum"):
         load_model(out)
+
+
+@pytest.mark.parametrize("argv", [["probe", "--checkpoint", "C", "--tokenizer", "T", "--data", "D"],
+                                  ["quickstart"]])
+def test_results_folder_commands_refuse_a_held_folder(argv, tmp_path, capsys):
+    out = tmp_path / "out"
+    with dir_lock(out, "test"):
+        one_line_error(capsys, main([*argv, "--out", str(out)]), str(out), "being written")

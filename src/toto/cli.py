@@ -7,6 +7,7 @@ Errors a user can fix (toto.errors.TotoError) become one line on stderr and exit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -18,6 +19,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .commands.argtypes import positive_int  # noqa: E402
 from .errors import user_error  # noqa: E402
+from .ioutil import dir_lock  # noqa: E402
 
 # subcommand -> module under toto.commands (listed in the order `toto --help` shows them)
 COMMANDS = {
@@ -103,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue  # not built yet; the README lists what exists
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
-        p.set_defaults(_run=mod.run)
+        p.set_defaults(_run=mod.run, _locks_out=getattr(mod, "LOCKS_OUT", False))
     for leaf in parser.leaves():
         add_common_arguments(leaf)
     return parser
@@ -128,7 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         set_threads(args.threads)
-        code = args._run(args)
+        # a command whose --out is a results folder (LOCKS_OUT) holds that folder's lock while it
+        # runs, so two jobs never write one folder; train and tokenize lock theirs themselves
+        with dir_lock(args.out, f"toto {args.command}") if args._locks_out else contextlib.nullcontext():
+            code = args._run(args)
         sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, not at interpreter exit
     except KeyboardInterrupt as e:
         print(f"toto {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 HELP = "CATER snitch localisation: frozen probe + fine-tuning vs random init vs the last-seen oracle"
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def add_arguments(p):

@@ -8,6 +8,7 @@ import os
 from .argtypes import nonnegative_float, nonnegative_int, positive_int
 
 HELP = "fine-tune a checkpoint on a labelled dataset: probe cross-entropy + next-token loss"
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def add_arguments(p):

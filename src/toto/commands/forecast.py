@@ -7,6 +7,7 @@ import os
 from .argtypes import positive_int
 
 HELP = "forecast the next frames of videos token by token and score them against the real frames"
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def add_arguments(p):

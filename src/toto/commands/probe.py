@@ -8,6 +8,7 @@ from pathlib import Path
 from .argtypes import nonnegative_float, positive_int
 
 HELP = "probe a frozen checkpoint layer by layer on a labelled image or video dataset"
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def _int_list(text: str) -> list[int]:

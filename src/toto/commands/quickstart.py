@@ -7,6 +7,7 @@ from pathlib import Path
 from .argtypes import nonnegative_int, positive_int
 
 HELP = "run the whole pipeline (tokenize, pre-train, probe, fine-tune, track, forecast) and write a report"
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def add_arguments(p):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from .argtypes import nonnegative_int, positive_float, positive_int
 
 HELP = "video object segmentation by label propagation (DAVIS-2017 layout), scored with J&F"
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def add_arguments(p):
