@@ -411,7 +411,7 @@ class FinetuneJob:
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ConfigError(f"--resume: {path.parent.parent} was started with other settings ({', '.join(diff)} "
                               f"differ); rerun with the original ones or choose another --out")
-        verify_checksums(path, ["probe.safetensors", "optimizer.safetensors", "optimizer.json"])
+        verify_checksums(path, ["probe.safetensors", "optimizer.safetensors"])
         try:
             load_weights(model, tensors, str(path))
             probe.load_state_dict(load_file(str(path / "probe.safetensors"), device=str(probe.head.weight.device)))

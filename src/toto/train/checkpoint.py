@@ -134,7 +134,7 @@ def read_config(path: str | Path) -> Config:
 def read_checkpoint(path: str | Path) -> tuple[Config, dict, dict[str, torch.Tensor]]:
     """(config, state, model tensors) of a checkpoint folder or run folder."""
     p = resolve_checkpoint(path)
-    verify_checksums(p, ["model.safetensors", "config.json", "state.json"])
+    verify_checksums(p, ["model.safetensors"])  # tensors only: JSON is parsed and checked, and users may edit it
     try:
         cfg = config_from_dict(json.loads((p / "config.json").read_text()))
         state = json.loads((p / "state.json").read_text())
@@ -172,7 +172,7 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, pat
     f = path / "optimizer.safetensors"
     if not f.is_file():
         raise CheckpointError(f"{path}: optimizer state missing; cannot resume training exactly")
-    verify_checksums(path, ["optimizer.safetensors", "optimizer.json"])
+    verify_checksums(path, ["optimizer.safetensors"])
     meta = read_json(path / "optimizer.json")
     osd = optimizer_from_tensors(load_tensors(f), meta)
     set_optimizer_state_dict(model, optimizer, osd, options=StateDictOptions(full_state_dict=True))
