@@ -43,9 +43,16 @@ class Tokenizer(ABC):
     def config(self) -> dict:
         """JSON-serialisable constructor arguments (saved in the file's metadata)."""
 
-    @abstractmethod
     def save(self, path: str | Path) -> None:
-        """Write one safetensors file with ``metadata()`` as its metadata."""
+        """Write ``tensors()`` as one safetensors file with ``metadata()`` as its metadata, atomically."""
+        from safetensors.torch import save
+
+        from ..ioutil import atomic_write_bytes
+
+        self._fingerprint = None
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, save(self.tensors(), metadata=self.metadata()))
 
     @classmethod
     @abstractmethod

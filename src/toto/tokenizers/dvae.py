@@ -256,16 +256,6 @@ class DVAETokenizer(Tokenizer):
                 out[f"{prefix}.{k}"] = v.detach().float().contiguous().cpu()
         return out
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save
-
-        from ..ioutil import atomic_write_bytes
-
-        self._fingerprint = None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, save(self.tensors(), metadata=self.metadata()))
-
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", batch_size: int = 32,
              fp16: bool | None = None) -> "DVAETokenizer":

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from ..ioutil import atomic_file
 from .base import CONFIG_KEY, Tokenizer, read_metadata, register
 
 
@@ -168,17 +167,11 @@ class PatchTokenizer(Tokenizer):
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codebook": self.codebook.detach().float().cpu().contiguous()}
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        self._fingerprint = None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self.metadata()
+    def metadata(self) -> dict[str, str]:
+        meta = super().metadata()
         if self.fit_stats:
             meta["toto_patch_fit"] = json.dumps(self.fit_stats)
-        with atomic_file(path) as tmp:
-            save_file(self.tensors(), str(tmp), metadata=meta)
+        return meta
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> "PatchTokenizer":

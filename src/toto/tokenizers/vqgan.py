@@ -349,16 +349,6 @@ class VQGANTokenizer(Tokenizer):
         """taming's parameter names (``encoder.conv_in.weight``, ``quantize.embedding.weight``...)."""
         return {k: v.detach().float().contiguous().cpu() for k, v in self.model.state_dict().items()}
 
-    def save(self, path: str | Path) -> None:
-        from safetensors.torch import save
-
-        from ..ioutil import atomic_write_bytes
-
-        self._fingerprint = None
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(path, save(self.tensors(), metadata=self.metadata()))
-
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", batch_size: int = 8) -> "VQGANTokenizer":
         from safetensors.torch import load_file
