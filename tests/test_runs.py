@@ -189,3 +189,22 @@ def test_results_folder_commands_refuse_a_held_folder(argv, tmp_path, capsys):
     out = tmp_path / "out"
     with dir_lock(out, "test"):
         one_line_error(capsys, main([*argv, "--out", str(out)]), str(out), "being written")
+
+
+def test_torn_last_metrics_line_is_tolerated_on_resume(data, tmp_path, capsys):
+    """A kill during an append tears the last line of metrics.jsonl; --resume drops it (the
+    step is logged again) instead of failing until the file is edited by hand."""
+    out = tmp_path / "run"
+    assert train(data, out, "--steps", "8", "train.ckpt_interval=4", "--until", "4") == 0
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 1.2')  # torn: no closing brace, no newline
+    assert main(["train", "--out", str(out), "--resume", "--no-progress"]) == 0
+    steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 9))
+    # a bad line in the middle is damage, not a kill: named, one line
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    lines[2] = "{garbled"
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    from toto.errors import DataError
+    with pytest.raises(DataError, match=r"metrics.jsonl:3: not a JSON record"):
+        read_jsonl(out / "metrics.jsonl")

@@ -80,13 +80,23 @@ def append_jsonl(path: str | Path, record: dict) -> None:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
+    """Records of a log the program appends to (metrics.jsonl). A kill during an append leaves
+    a torn last line: it is dropped (the resumed run logs that step again). A bad line anywhere
+    else is damage, not a kill: DataError naming the file and line."""
     path = Path(path)
     if not path.exists():
         return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     out = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
             out.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise DataError(f"{path}:{i + 1}: not a JSON record ({e})") from None
     return out
 
 
