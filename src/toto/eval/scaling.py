@@ -416,10 +416,7 @@ def load_results(path: str | Path) -> tuple[Path, list[dict]]:
     f = p / RESULTS if p.is_dir() else p
     if not f.is_file():
         raise DataError(f"no scaling results at {p}: {f.name} not found (run `toto scaling run` first)")
-    try:
-        recs = read_jsonl(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{f}: a line is not valid JSON ({e})") from None
+    recs = read_jsonl(f)  # a bad line: DataError naming the file and line
     need = ("name", "run_dir", "flops_per_token", "tokens_per_step", "steps", "val_loss", "params")
     for i, r in enumerate(recs):
         miss = [k for k in need if k not in r]
@@ -436,8 +433,8 @@ def analyse(results: str | Path, irreducible: bool = False, final_only: bool = F
     for r in recs:
         try:
             pts = run_points(r, rdir, final_only, include_warmup)
-        except json.JSONDecodeError as e:
-            skipped[r["name"]] = f"{rdir / r['run_dir'] / 'metrics.jsonl'}: bad JSON line ({e})"
+        except DataError as e:  # read_jsonl names the file and line
+            skipped[r["name"]] = f"bad JSON line: {e}"
             continue
         if pts:
             curves[r["name"]] = pts
