@@ -87,7 +87,7 @@ def main(argv=None) -> int:
                 try:
                     names = list(configs) if r % 2 == 0 else list(reversed(list(configs)))
                     for name in names:
-                        t = run_config(data, tmp / f"run{len(times[(cond, name)])}_{abs(hash(name))}",
+                        t = run_config(data, tmp / f"{cond}_round{r}_{abs(hash(name))}",
                                        *configs[name], steps)
                         times[(cond, name)] += t
                         print(f"round {r} {cond:9s} {name:38s} median {statistics.median(t):.2f} s/step", flush=True)
