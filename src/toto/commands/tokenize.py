@@ -25,6 +25,10 @@ def add_arguments(p):
     p.add_argument("--shard-size", type=positive_int, default=1024, help="sequences per shard file (default 1024)")
     p.add_argument("--batch-frames", type=positive_int, default=64, help="frames per tokenizer call (default 64)")
     p.add_argument("--device", default=None, help="tokenizer device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default=None,
+                   help="dVAE on CUDA: convolution precision (default fp16, as the dall-e reference); "
+                        "the CPU always runs the exact fp32 encoder")
+    p.add_argument("--compile", action="store_true", help="dVAE on CUDA: torch.compile the encoder")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
@@ -33,11 +37,19 @@ def add_arguments(p):
 def run(args) -> int:
     from ..data.build import SUMMARY, BuildOptions, build_shards, format_summary
     from ..device import resolve_device
+    from ..errors import ConfigError
     from ..tokenizers.base import get_tokenizer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     device = str(resolve_device(args.device or "auto"))
     tok = get_tokenizer(args.tokenizer, device=device)
+    if args.precision or args.compile:
+        from ..tokenizers.dvae import DVAETokenizer
+
+        if not isinstance(tok, DVAETokenizer):
+            raise ConfigError(f"--precision/--compile apply to dVAE tokenizers; {args.tokenizer} is a "
+                              f"{tok.kind} tokenizer")
+        tok.set_speed(args.precision, args.compile)
     opts = BuildOptions(frames=args.frames, stride=args.stride, short=args.short, workers=args.workers,
                         shard_size=args.shard_size, batch_frames=args.batch_frames, resume=args.resume,
                         overwrite=args.overwrite, progress=not args.no_progress)

@@ -78,19 +78,22 @@ class DVAEConfig:
         return cls(**d).validate()
 
 
+PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
 class Conv2d(nn.Module):
     """The reference's convolution: parameters ``w``/``b``, 'same' padding, optional fp16 on CUDA."""
 
     def __init__(self, n_in: int, n_out: int, kw: int, use_float16: bool = True):
         super().__init__()
         self.kw, self.use_float16 = kw, use_float16
-        self.half = False  # set by set_fp16(); fp16 only ever applies on CUDA
+        self.low: torch.dtype | None = None  # set by set_precision(); only ever applies on CUDA
         self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw * kw))
         self.b = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.half and self.use_float16 and x.is_cuda:
-            x, w, b = x.half(), self.w.half(), self.b.half()
+        if self.low is not None and self.use_float16 and x.is_cuda:
+            x, w, b = x.to(self.low), self.w.to(self.low), self.b.to(self.low)
         else:
             x, w, b = x.float(), self.w, self.b
         return F.conv2d(x, w, b, padding=(self.kw - 1) // 2)
@@ -115,11 +118,12 @@ class _Block(nn.Module):
 
 
 class _Net(nn.Module):
-    def set_fp16(self, enabled: bool) -> None:
-        """Run the convolutions the reference runs in fp16 on CUDA in fp16 too (no effect on CPU)."""
+    def set_precision(self, precision: str) -> None:
+        """``fp16``/``bf16``: run the convolutions the reference runs in fp16 on CUDA in that type
+        (the logit-producing ones stay fp32, as in the reference); no effect on CPU."""
         for m in self.modules():
             if isinstance(m, Conv2d):
-                m.half = enabled
+                m.low = PRECISIONS[precision]
 
 
 class Encoder(_Net):
@@ -144,6 +148,94 @@ class Encoder(_Net):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
+
+
+def _is_power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
+
+
+class FusedCPUEncoder:
+    """Inference-only CPU encoder: ``Encoder``'s convolutions as oneDNN primitives on
+    channels-last tensors, with the ReLU after ``conv_1..3`` and the residual add after
+    ``conv_4`` fused into the convolution, and weights packed once per input shape (the
+    reference re-lays every weight, and converts every activation from and to NCHW, on each
+    call). When a block's ``post_gain`` is a power of two (it is ``1/64`` in DALL-E's dVAE)
+    it is folded into ``conv_4``: scaling by a power of two is exact, so that fold changes no
+    bit. What remains differs from the reference only in the order of float additions inside
+    a convolution, so codes (the argmax over the vocabulary) equal the reference's except at
+    exact near-ties; tests/test_dvae.py and benchmarks/bench_tokenize.py check that on real
+    frames."""
+
+    _STRIDE = [1, 1]
+
+    def __init__(self, encoder: Encoder):
+        if not torch.backends.mkldnn.is_available():
+            raise ConfigError("the fused CPU dVAE encoder needs a PyTorch built with oneDNN (mkldnn)")
+        self.steps: list[tuple] = []  # ("conv", c) | ("block", id_conv|None, c1, c2, c3, c4, gain) | ("pool",) | ("out", c)
+        for name, mod in encoder.blocks.named_children():
+            if name == "input":
+                self.steps.append(("conv", self._conv(mod)))
+            elif name == "output":
+                self.steps.append(("out", self._conv(mod.conv)))
+            else:
+                for sub in mod.children():
+                    if isinstance(sub, nn.MaxPool2d):
+                        self.steps.append(("pool",))
+                        continue
+                    r, g = sub.res_path, sub.post_gain
+                    fold = _is_power_of_two(g)
+                    idc = None if isinstance(sub.id_path, nn.Identity) else self._conv(sub.id_path)
+                    self.steps.append(("block", idc, self._conv(r.conv_1), self._conv(r.conv_2),
+                                       self._conv(r.conv_3), self._conv(r.conv_4, g if fold else 1.0),
+                                       None if fold else g))
+        self._packed: dict[tuple, list] = {}  # input shape -> packed weights, in call order
+
+    @staticmethod
+    def _conv(conv: Conv2d, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        w = (conv.w.detach().float() * scale).contiguous(memory_format=torch.channels_last)
+        return w, conv.b.detach().float() * scale, [(conv.kw - 1) // 2] * 2
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (N, 3, H, W)`` mapped pixels -> logits ``(N, vocab, H/d, W/d)`` (channels-last)."""
+        key = tuple(x.shape)
+        packed = self._packed.get(key)
+        fresh = packed is None
+        if fresh:  # first call with this shape: pack each weight for it, in call order
+            if len(self._packed) >= 2:  # a few shapes at most (batch, tail): bound the memory
+                self._packed.clear()
+            packed = self._packed[key] = []
+        weights = iter(packed)
+        one = [1, 1]
+
+        def conv(c, x: torch.Tensor, attr: str = "none", add: torch.Tensor | None = None) -> torch.Tensor:
+            w, b, pad = c
+            if fresh:
+                packed.append(torch.ops.mkldnn._reorder_convolution_weight(w, pad, one, one, 1, list(x.shape)))
+            w = packed[-1] if fresh else next(weights)
+            if add is None:
+                return torch.ops.mkldnn._convolution_pointwise(x, w, b, pad, one, one, 1, attr, [], "")
+            # in place: add <- add + conv(x) (the residual path, not needed afterwards)
+            return torch.ops.mkldnn._convolution_pointwise_.binary(add, x, w, b, pad, one, one, 1, "add", 1.0,
+                                                                    None, [], None)
+
+        x = x.float().contiguous(memory_format=torch.channels_last)
+        for step in self.steps:
+            kind = step[0]
+            if kind == "conv":
+                x = conv(step[1], x)
+            elif kind == "pool":
+                x = F.max_pool2d(x, 2)
+            elif kind == "out":
+                x = conv(step[1], torch.relu(x))
+            else:
+                _, idc, c1, c2, c3, c4, gain = step
+                h = conv(c3, conv(c2, conv(c1, torch.relu(x), "relu"), "relu"), "relu")
+                res = x if idc is None else conv(idc, x)
+                if gain is None:
+                    x = conv(c4, h, add=res)
+                else:  # post_gain not a power of two: keep the reference's rounding
+                    x = res + gain * conv(c4, h)
+        return x
 
 
 class Decoder(_Net):
@@ -194,14 +286,22 @@ def frames_to_input(frames: torch.Tensor) -> torch.Tensor:
 @register
 class DVAETokenizer(Tokenizer):
     """DALL-E-style dVAE tokenizer: codes are the argmax of the encoder logits; decoding returns
-    the decoder's mean image.  ``fp16`` (CUDA only) runs the convolutions the reference runs in
-    fp16 in fp16; codes may then differ from fp32 at near-ties, as they do for the reference."""
+    the decoder's mean image.
+
+    Encoding runs, on CPU, the fused oneDNN encoder (``FusedCPUEncoder``; same codes as the
+    reference, faster); on CUDA the ``Encoder`` in channels-last with its residual convolutions in
+    ``precision`` (``fp16`` by default, as the reference; ``bf16``; ``fp32``: all fp32), compiled
+    with ``torch.compile`` when ``compile`` is true. Reduced precision flips codes at near-ties
+    (tests/test_cuda.py bounds how many). A frame's codes never depend on which frames share its
+    batch, so a run split across processes is byte-identical to a one-process run: on CPU the
+    oneDNN kernels are batch-invariant (tests/test_dvae.py), on CUDA every call gets exactly
+    ``batch_size`` frames (the last batch padded), which also keeps compile from re-tracing."""
 
     kind = "dvae"
 
     def __init__(self, cfg: DVAEConfig, encoder: Encoder | None = None, decoder: Decoder | None = None,
-                 device: str | torch.device = "cpu", batch_size: int = 32, fp16: bool | None = None,
-                 source: str = ""):
+                 device: str | torch.device = "cpu", batch_size: int = 32, precision: str | None = None,
+                 compile: bool = False, source: str = ""):
         self.cfg = cfg.validate()
         self.n_codes, self.downsample, self.resolution = cfg.vocab_size, cfg.downsample, cfg.resolution
         self.source = source  # free text recorded in the file (e.g. "dall-e official weights")
@@ -209,22 +309,47 @@ class DVAETokenizer(Tokenizer):
         self.batch_size = batch_size
         self.encoder = (encoder or Encoder(cfg)).to(self.device).eval().requires_grad_(False)
         self.decoder = (decoder or Decoder(cfg)).to(self.device).eval().requires_grad_(False)
-        self.fp16 = self.device.type == "cuda" if fp16 is None else fp16
-        self.encoder.set_fp16(self.fp16)
-        self.decoder.set_fp16(self.fp16)
         self._fingerprint: str | None = None
+        self.set_speed(precision, compile)
+
+    def set_speed(self, precision: str | None = None, compile: bool = False) -> None:
+        """Choose the CUDA precision (``fp32``/``fp16``/``bf16``; default fp16 on CUDA, as the
+        reference) and whether to ``torch.compile`` the CUDA encoder. CPU always runs fp32."""
+        precision = precision or ("fp16" if self.device.type == "cuda" else "fp32")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"dVAE precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.precision, self.compile = precision, compile
+        self.encoder.set_precision(precision)
+        self.decoder.set_precision(precision)
+        self._encode_fn = None  # built on first use (see _encoder_fn)
+
+    def _encoder_fn(self):
+        """The fastest exact encoder for the device: fused oneDNN on CPU, channels-last (and
+        compiled on request) on CUDA; the plain module elsewhere."""
+        if self._encode_fn is None:
+            if self.device.type == "cpu" and torch.backends.mkldnn.is_available():
+                self._encode_fn = FusedCPUEncoder(self.encoder)
+            elif self.device.type == "cuda":
+                net = self.encoder.to(memory_format=torch.channels_last)
+                self._encode_fn = torch.compile(net, dynamic=False) if self.compile else net
+            else:
+                self._encode_fn = self.encoder
+        return self._encode_fn
 
     # -- the Tokenizer interface -------------------------------------------------------------
     @torch.inference_mode()
     def encode(self, frames: np.ndarray) -> np.ndarray:
         """``frames: (N, H, W, 3) uint8`` -> ``codes: (N, H/d, W/d) int64``."""
         frames = self.check_frames(frames)
-        out = []
-        for i in range(0, len(frames), self.batch_size):
-            x = frames_to_input(torch.from_numpy(frames[i:i + self.batch_size]).to(self.device))
-            out.append(self.encoder(x).argmax(dim=1).cpu())
-        if not out:
+        if not len(frames):
             return np.zeros((0, *self._grid_of(frames)), np.int64)
+        fn, bs, out = self._encoder_fn(), self.batch_size, []
+        for i in range(0, len(frames), bs):
+            chunk = torch.from_numpy(frames[i:i + bs]).to(self.device)
+            n = len(chunk)
+            if n < bs and self.device.type == "cuda":  # pad with copies of the last frame: one shape
+                chunk = torch.cat([chunk, chunk[-1:].expand(bs - n, *chunk.shape[1:])])
+            out.append(fn(frames_to_input(chunk)).argmax(dim=1)[:n].cpu())
         return torch.cat(out).numpy().astype(np.int64)
 
     @torch.inference_mode()
@@ -257,8 +382,8 @@ class DVAETokenizer(Tokenizer):
         return out
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "cpu", batch_size: int = 32,
-             fp16: bool | None = None) -> "DVAETokenizer":
+    def load(cls, path: str | Path, device: str = "cpu", batch_size: int = 32, precision: str | None = None,
+             compile: bool = False) -> "DVAETokenizer":
         from safetensors.torch import load_file
 
         from .base import read_metadata
@@ -282,8 +407,8 @@ class DVAETokenizer(Tokenizer):
             sd = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             load_state(net, sd, f"{path} ({prefix})")
             nets[prefix] = net
-        return cls(cfg, nets["encoder"], nets["decoder"], device=device, batch_size=batch_size, fp16=fp16,
-                   source=source)
+        return cls(cfg, nets["encoder"], nets["decoder"], device=device, batch_size=batch_size,
+                   precision=precision, compile=compile, source=source)
 
 
 def load_state(net: nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
