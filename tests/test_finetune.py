@@ -18,7 +18,7 @@ from test_probe import _tiny_setup  # 2-class images, a patch tokenizer, a rando
 
 from toto.cli import main
 from toto.errors import ConfigError
-from toto.eval.finetune import FinetuneConfig, loss_terms
+from toto.eval.finetune import FinetuneConfig
 from toto.eval.probe import Probe
 
 
@@ -54,38 +54,40 @@ def _val_sequences(data: Path, tok_path: Path):
 
 # -- the loss --------------------------------------------------------------------------------
 
-def test_loss_terms_match_model_forward_and_hidden_states():
-    """CE from the probe on ``hidden_states`` (code positions) and NTP from ``Toto.forward``,
-    computed separately, add up to what one fine-tuning pass returns; with weight 0 the NTP
-    term is absent and the blocks above the probed layer are never run."""
+def test_task_model_matches_model_forward_and_hidden_states():
+    """The fine-tuned TaskModel's probe logits on ``hidden_states`` (code positions) and its NTP
+    from ``Toto.forward``, computed separately, are what one pass returns; without the NTP term
+    the blocks above the probed layer are never run and are frozen (no unused DDP parameters)."""
     from toto.config import build_config
     from toto.model.llama import Toto
+    from toto.tasks.base import TaskModel
 
     cfg = build_config("tiny", None, ["model.n_layers=3", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
-                                      "model.vocab_size=20", "model.max_seq_len=16"])
+                                      "model.vocab_size=20", "model.max_seq_len=16", "model.tie_embeddings=false"])
     torch.manual_seed(0)
     model = Toto(cfg.model).eval()
     probe = Probe(32, 5, "attentive", heads=2).eval()
     batch = torch.cat([torch.full((6, 1), 3), torch.randint(4, 20, (6, 9)), torch.full((6, 1), 2)], 1)  # (6, 11)
-    labels = torch.tensor([0, 1, 2, 3, 4, 0])
     inputs, targets = batch[:, :-1], batch[:, 1:]
     layer = 1
-    want_ce = F.cross_entropy(probe(model.hidden_states(inputs, [layer])[layer][:, 1:]), labels)
+    want = probe(model.hidden_states(inputs, [layer])[layer][:, 1:])
     _, want_ntp = model(inputs, targets)
 
-    loss, ce, ntp, logits = loss_terms(model, probe, batch, labels, layer, 0.7, pad=0)
-    torch.testing.assert_close(ce, want_ce)
+    tm = TaskModel({"probe": (layer, probe)}, model, train_trunk=True, ntp_weight=0.7, pad=0)
+    logits, ntp = tm(batch, with_ntp=True)
+    torch.testing.assert_close(logits["probe"], want)
     torch.testing.assert_close(ntp, want_ntp)
-    torch.testing.assert_close(loss, want_ce + 0.7 * want_ntp)
-    assert logits.shape == (6, 5)
+    assert all(p.requires_grad for p in model.parameters())
 
     calls = []
     hook = model.layers[2].register_forward_hook(lambda *a: calls.append(1))
-    loss0, ce0, ntp0, _ = loss_terms(model, probe, batch, labels, layer, 0.0, pad=0)
+    tm0 = TaskModel({"probe": (layer, probe)}, model, train_trunk=True, ntp_weight=0.0, pad=0)
+    logits0, ntp0 = tm0(batch)
     hook.remove()
     assert ntp0 is None and calls == []
-    torch.testing.assert_close(loss0, want_ce)
-    torch.testing.assert_close(ce0, want_ce)
+    torch.testing.assert_close(logits0["probe"], want)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {n for n, _ in model.named_parameters() if n.startswith(("layers.1.", "layers.2.", "norm.", "head."))}
 
 
 def test_config_rejects_bad_numbers():
@@ -213,7 +215,7 @@ def test_token_cache_resumes_after_a_kill_mid_encoding(tmp_path):
     """A kill during the third tokenizer call leaves two finished chunks; the rerun encodes only
     the rest, lists the unreadable file once, and gives what one uninterrupted pass gives."""
     from toto.eval.features import SequenceSpec, scan_dataset
-    from toto.eval.finetune import tokenize_splits
+    from toto.eval.features import tokenize_splits
     from toto.tokenizers.base import get_tokenizer
     from toto.vocab import VocabLayout
 

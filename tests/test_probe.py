@@ -15,8 +15,9 @@ from PIL import Image
 
 from toto.errors import CheckpointError, ConfigError, DataError
 from toto.eval.features import scan_dataset
-from toto.eval.probe import (AttentivePool, Probe, ProbeConfig, best_layer, cosine_lr, topk_accuracy,
+from toto.eval.probe import (AttentivePool, Probe, ProbeConfig, best_layer, topk_accuracy,
                              train_probe)
+from toto.tasks.base import lr_of as cosine_lr
 
 
 # -- attention pooling -------------------------------------------------------------------------

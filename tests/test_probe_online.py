@@ -15,7 +15,8 @@ from conftest import unreadable_val_dataset
 from test_probe import _tiny_setup  # 2-class images (one broken file), a patch tokenizer, a random tiny checkpoint
 
 from toto.cli import main
-from toto.eval.probe import ProbeConfig, ProbeJob, epoch_steps
+from toto.eval.probe import ProbeConfig, ProbeJob
+from toto.tasks.base import epoch_steps
 
 
 def _args(run, tok, data, out, *extra):
@@ -60,7 +61,7 @@ def test_online_matches_cached(digits, tmp_path):
     (extraction) rounds to a neighbouring float16 (checked first). Such a one-ulp difference
     moves the probes by ~1e-6 relative, which can flip a val sample whose two top logits are that
     close: accuracies may differ by a sample or two, losses by ~1e-4 relative."""
-    from toto.eval.probe_online import layer_features
+    from toto.tasks.base import TaskModel
     from toto.train.checkpoint import load_model
 
     data, tok, run = digits
@@ -76,7 +77,8 @@ def test_online_matches_cached(digits, tmp_path):
     tokens = load_file(str(tok_cache / "val_00000.safetensors"))["tokens"][:40].long()  # (40, L)
     feats = load_file(str(feat_cache / "val_00000.safetensors"))
     model, *_ = load_model(run)
-    got = dict(layer_features(model, tokens[:, :-1], [0, 1, 2], torch.device("cpu")))
+    frozen = TaskModel({f"l{i}": (i, torch.nn.Identity()) for i in (0, 1, 2)}, model, pad=0)
+    got, _ = frozen.features(tokens)  # [start] + codes + [end]: the end token is not fed
     for layer in (0, 1, 2):
         want = feats[f"layer{layer}"][:40]  # (40, 16, 32) float16
         assert got[layer].shape == want.shape and got[layer].dtype == torch.float16
@@ -129,36 +131,37 @@ def test_all_layers_and_models_from_one_forward_per_batch(tmp_path):
     assert len(calls) == 2 * per_model  # trained + random init; not x layers, not x poolings
     assert {upto for _, upto in calls} == {1}  # block 2 is never run
     assert len(blocks) == len(calls)  # one block call per forward: the only block below layer 1
-    assert [b for b, _ in calls[:2 * train_batches]] == [6, 6, 6, 6, 4, 4]  # 16 = 6 + 6 + 4, per model
+    assert [b for b, _ in calls[:train_batches]] == [6, 6, 4]  # 16 = 6 + 6 + 4
     rep = json.loads((tmp_path / "o" / "results.json").read_text())
     assert sorted(rep["models"]) == ["random_init", "trained"]
     assert all(sorted(m["layers"]) == ["0", "1"] for m in rep["models"].values())
     recs = [json.loads(l) for l in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in recs] == [1, 2, 3] and recs[-1]["step"] == epochs * train_batches
-    assert len(recs[0]["val_top1"]) == 2 * 2 * 2
+    assert [(r["model"], r["epoch"]) for r in recs] == [(m, e) for m in ("trained", "random_init") for e in (1, 2, 3)]
+    assert recs[-1]["step"] == epochs * train_batches
+    assert len(recs[0]["val_top1"]) == 2 * 2  # layers x poolings, per model
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path, capsys):
-    import toto.eval.probe_online as online
+    from toto.tasks.base import TaskModel
 
     data, tok, run = _tiny_setup(tmp_path)
     common = ("--online", "--layers", "1,2", "--epochs", "3", "--probe-batch-size", "8", "--lr", "3e-3")
     assert main(_args(run, tok, data, tmp_path / "full", *common)) == 0
 
     # killed in the second train batch of epoch 2 (forwards: 2 train + 1 val per epoch)
-    calls, layer_features = [], online.layer_features
+    calls, features = [], TaskModel.features
 
     def dying(*a, **k):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return layer_features(*a, **k)
+        return features(*a, **k)
 
     job = ProbeJob(str(run), str(tok), str(data), tmp_path / "split", layers=[1, 2], online=True, progress=False,
                    probe=ProbeConfig(epochs=3, batch_size=8, lr=3e-3))
-    with mock.patch.object(online, "layer_features", dying), pytest.raises(KeyboardInterrupt):
+    with mock.patch.object(TaskModel, "features", dying), pytest.raises(KeyboardInterrupt):
         job.run()
-    state = tmp_path / "split" / "online_state"
+    state = tmp_path / "split" / "online_state" / "trained"
     assert (state / "latest").read_text() == "epoch_0001" and sorted(p.name for p in state.iterdir()) == \
         ["epoch_0001", "latest"]
     assert not (tmp_path / "split" / "results.json").exists()

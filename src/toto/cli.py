@@ -119,6 +119,15 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: every rank waits for the others to finish, then leaves the group, so no
+    rank exits while another still talks to it (gloo aborts a rank whose peer vanished)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -131,9 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         set_threads(args.threads)
         # a command whose --out is a results folder (LOCKS_OUT) holds that folder's lock while it
-        # runs, so two jobs never write one folder; train and tokenize lock theirs themselves
-        with dir_lock(args.out, f"toto {args.command}") if args._locks_out else contextlib.nullcontext():
+        # runs, so two jobs never write one folder; train and tokenize lock theirs themselves.
+        # Under torchrun only rank 0 writes, so only rank 0 takes it.
+        locks = args._locks_out and os.environ.get("RANK", "0") == "0"
+        with dir_lock(args.out, f"toto {args.command}") if locks else contextlib.nullcontext():
             code = args._run(args)
+            _leave_process_group()
         sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, not at interpreter exit
     except KeyboardInterrupt as e:
         print(f"toto {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)

@@ -57,6 +57,7 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..errors import ConfigError
+    from ..tasks.base import world
     from ..eval.finetune import FinetuneConfig, FinetuneJob
 
     for name in ("frames", "stride"):
@@ -73,6 +74,8 @@ def run(args) -> int:
                       clip=args.clip, max_per_class=args.max_per_class, resume=args.resume, until=args.until,
                       progress=not args.no_progress)
     report = job.run()
+    if world()[0] != 0:
+        return 0  # under torchrun rank 0 reports
     print(job.table(report))
     print(f"results: {os.path.join(args.out, 'results.json')}  plot: {os.path.join(args.out, 'finetune.png')}  "
           f"checkpoint: {report.get('finetuned_checkpoint')}")

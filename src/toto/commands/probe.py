@@ -62,6 +62,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..errors import ConfigError
     from ..eval.probe import POOLINGS, ProbeConfig, ProbeJob
+    from ..tasks.base import world
 
     poolings = [x.strip() for x in args.pooling.split(",") if x.strip()]
     bad = [x for x in poolings if x not in POOLINGS]
@@ -82,6 +83,8 @@ def run(args) -> int:
                    max_per_class=args.max_per_class, probe=probe_cfg, progress=not args.no_progress,
                    online=args.online, resume=args.resume)
     report = job.run()
+    if world()[0] != 0:
+        return 0  # under torchrun rank 0 reports
     print(job.table(report))
     print(f"results: {os.path.join(args.out, 'results.json')}  plot: {os.path.join(args.out, 'probe.png')}")
     return 0

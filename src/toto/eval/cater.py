@@ -106,7 +106,8 @@ def frozen_probe(ckpt, tokenizer: str, data, out, frames: int, stride: int, laye
     from ..train.checkpoint import load_model
     from .features import FeatureExtractor, SequenceSpec, check_compatible, file_identity, scan_dataset
     from .finetune import write_predictions
-    from .probe import ProbeConfig, predict, train_probe
+    from ..tasks.base import Split, predict
+    from .probe import ProbeConfig, probe_key, train_probe
 
     out = Path(out)
     dev = resolve_device(device)
@@ -121,9 +122,10 @@ def frozen_probe(ckpt, tokenizer: str, data, out, frames: int, stride: int, laye
     feats, _ = FeatureExtractor(model, layout, tok, spec, [layer], ident, dev, batch_size=batch_size,
                                 progress=progress).run(ds, out / "features")
     pcfg = ProbeConfig(epochs=epochs)
-    _, probe = train_probe(feats["train"].layer(layer), feats["train"].labels, feats["val"].layer(layer),
-                           feats["val"].labels, len(ds.classes), "attentive", pcfg, cfg.model.n_heads, dev)
-    logits = predict(probe, feats["val"].layer(layer), pcfg.batch_size, dev)
+    val = Split(feats["val"].labels.numpy(), features={0: feats["val"].layer(layer)})
+    _, probe = train_probe(feats["train"].layer(layer), feats["train"].labels, val.features[0], val.targets,
+                           len(ds.classes), "attentive", pcfg, cfg.model.n_heads, dev)
+    logits = predict(probe, val, pcfg.batch_size, dev)[0][probe_key(0, "attentive")]
     paths = [str(ds.splits["val"][int(i)].path) for i in feats["val"].samples()]
     write_predictions(out / "val_predictions.npz", logits, feats["val"].labels.numpy(), paths, ds.classes)
     return layer

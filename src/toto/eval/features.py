@@ -40,10 +40,11 @@ from ..data.media import media_kind
 from ..data.video import clip_windows, frame_count_hint, iter_video
 from ..errors import CheckpointError, ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_json, read_json, read_lines
-from ..vocab import N_SPECIAL, VocabLayout
+from ..vocab import N_SPECIAL, VocabLayout, token_dtype
 
 SPLITS = ("train", "val")
 CACHE_VERSION = 1
+TOKEN_CACHE_VERSION = 1
 
 
 @dataclass
@@ -395,4 +396,60 @@ class FeatureExtractor:
             labels += batch_labels
             kept += batch_kept
         return feats, labels, kept
+
+
+# -- token sequences, encoded once per split and cached (toto finetune, toto probe --online) ---------------------------------------
+
+@dataclass
+class SplitTokens:
+    tokens: np.ndarray  # (N, L) uint16: [start] + codes + [end], as in pre-training shards
+    labels: np.ndarray  # (N,) int64
+    skipped: list[dict]  # {"path", "reason"} of files that could not be read
+
+
+def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, identity: dict,
+                    cache_root: str | Path, batch_size: int = 32, chunk_size: int = 1024,
+                    progress: bool = True) -> tuple[dict[str, SplitTokens], Path]:
+    """Encode every sample of both splits once; reruns with the same dataset, tokenizer and
+    settings reuse the cache, and a killed encoding resumes at its first unfinished chunk.
+
+    Cache ``<root>/<key>/``: ``manifest.json`` (identity, chunks done, skipped files) and
+    ``<split>_<chunk:05d>.safetensors`` with ``tokens: (n, L)`` and ``labels: (n,) int64``."""
+    from safetensors.numpy import load_file, save_file
+
+    cache, manifest = open_chunk_cache(cache_root, {**identity, "version": TOKEN_CACHE_VERSION,
+                                                    "sequence": spec.to_dict(), "vocab": layout.to_dict(),
+                                                    "chunk_size": chunk_size}, ds)
+    mpath = cache / "manifest.json"
+    out = {}
+    for split, samples in ds.splits.items():
+        state = manifest["splits"][split]
+        n_chunks = -(-len(samples) // chunk_size)
+        todo = [c for c in range(n_chunks) if str(c) not in state["chunks"]]
+        bar = tqdm(total=len(samples), initial=len(samples) - sum(
+            len(samples[c * chunk_size:(c + 1) * chunk_size]) for c in todo),
+            desc=f"tokenize {split}", unit=spec.kind, disable=not progress or not todo, dynamic_ncols=True)
+        for c in todo:
+            idx = list(range(c * chunk_size, min(len(samples), (c + 1) * chunk_size)))
+            seqs, labels = [], []
+            for codes, lab, _ in iter_codes([samples[i] for i in idx], idx, tokenizer, spec, batch_size,
+                                            state["skipped"], bar):
+                seqs += [layout.sequence(x, spec.kind) for x in codes]  # (F, h, w) -> (L,)
+                labels += lab
+            name = f"{split}_{c:05d}.safetensors"
+            if seqs:
+                with atomic_file(cache / name) as tmp:
+                    save_file({"tokens": np.stack(seqs), "labels": np.asarray(labels, np.int64)}, str(tmp))
+            state["chunks"][str(c)] = {"file": name, "n": len(seqs)}
+            atomic_write_json(mpath, manifest)
+        bar.close()
+        parts = [load_file(str(cache / state["chunks"][str(c)]["file"]))
+                 for c in range(n_chunks) if state["chunks"][str(c)]["n"]]
+        length = 2 + (spec.frames if spec.kind == "video" else 1) * tokenizer.grid[0] * tokenizer.grid[1]
+        tokens = (np.concatenate([p["tokens"] for p in parts]) if parts
+                  else np.zeros((0, length), token_dtype(layout.vocab_size)))
+        labels = np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64)
+        out[split] = SplitTokens(tokens, labels, list(state["skipped"]))
+    return out, cache
+
 

@@ -24,25 +24,18 @@ random numbers after initialisation, so ``resume`` reproduces an uninterrupted r
 
 from __future__ import annotations
 
-import json
 import math
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..errors import CheckpointError, ConfigError, DataError, TrainingError
-from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl, verify_checksums
-from ..vocab import token_dtype
-from .features import LabelledDataset, SequenceSpec, file_identity, iter_codes, open_chunk_cache
-from .probe import Probe, ProbeConfig, cosine_lr, epoch_steps, topk_accuracy
-
-TOKEN_CACHE_VERSION = 1
-
+from ..errors import ConfigError, DataError
+from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl
+from .features import SequenceSpec, SplitTokens, file_identity, tokenize_splits
+from .probe import Probe, ProbeConfig
 
 @dataclass
 class FinetuneConfig:
@@ -87,119 +80,6 @@ class FinetuneConfig:
         return asdict(self)
 
 
-# -- token sequences, encoded once per split and cached ---------------------------------------
-
-@dataclass
-class SplitTokens:
-    tokens: np.ndarray  # (N, L) uint16: [start] + codes + [end], as in pre-training shards
-    labels: np.ndarray  # (N,) int64
-    skipped: list[dict]  # {"path", "reason"} of files that could not be read
-
-
-def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, identity: dict,
-                    cache_root: str | Path, batch_size: int = 32, chunk_size: int = 1024,
-                    progress: bool = True) -> tuple[dict[str, SplitTokens], Path]:
-    """Encode every sample of both splits once; reruns with the same dataset, tokenizer and
-    settings reuse the cache, and a killed encoding resumes at its first unfinished chunk.
-
-    Cache ``<root>/<key>/``: ``manifest.json`` (identity, chunks done, skipped files) and
-    ``<split>_<chunk:05d>.safetensors`` with ``tokens: (n, L)`` and ``labels: (n,) int64``."""
-    from safetensors.numpy import load_file, save_file
-
-    cache, manifest = open_chunk_cache(cache_root, {**identity, "version": TOKEN_CACHE_VERSION,
-                                                    "sequence": spec.to_dict(), "vocab": layout.to_dict(),
-                                                    "chunk_size": chunk_size}, ds)
-    mpath = cache / "manifest.json"
-    out = {}
-    for split, samples in ds.splits.items():
-        state = manifest["splits"][split]
-        n_chunks = -(-len(samples) // chunk_size)
-        todo = [c for c in range(n_chunks) if str(c) not in state["chunks"]]
-        bar = tqdm(total=len(samples), initial=len(samples) - sum(
-            len(samples[c * chunk_size:(c + 1) * chunk_size]) for c in todo),
-            desc=f"tokenize {split}", unit=spec.kind, disable=not progress or not todo, dynamic_ncols=True)
-        for c in todo:
-            idx = list(range(c * chunk_size, min(len(samples), (c + 1) * chunk_size)))
-            seqs, labels = [], []
-            for codes, lab, _ in iter_codes([samples[i] for i in idx], idx, tokenizer, spec, batch_size,
-                                            state["skipped"], bar):
-                seqs += [layout.sequence(x, spec.kind) for x in codes]  # (F, h, w) -> (L,)
-                labels += lab
-            name = f"{split}_{c:05d}.safetensors"
-            if seqs:
-                with atomic_file(cache / name) as tmp:
-                    save_file({"tokens": np.stack(seqs), "labels": np.asarray(labels, np.int64)}, str(tmp))
-            state["chunks"][str(c)] = {"file": name, "n": len(seqs)}
-            atomic_write_json(mpath, manifest)
-        bar.close()
-        parts = [load_file(str(cache / state["chunks"][str(c)]["file"]))
-                 for c in range(n_chunks) if state["chunks"][str(c)]["n"]]
-        length = 2 + (spec.frames if spec.kind == "video" else 1) * tokenizer.grid[0] * tokenizer.grid[1]
-        tokens = (np.concatenate([p["tokens"] for p in parts]) if parts
-                  else np.zeros((0, length), token_dtype(layout.vocab_size)))
-        labels = np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64)
-        out[split] = SplitTokens(tokens, labels, list(state["skipped"]))
-    return out, cache
-
-
-# -- one pass, two losses ----------------------------------------------------------------------
-
-def layer_and_ntp(model, inputs: torch.Tensor, targets: torch.Tensor, layer: int, with_ntp: bool):
-    """One forward pass: the residual stream at ``layer`` ``(B, T, D)`` and, with ``with_ntp``,
-    the mean next-token NLL (as ``Toto.forward``); without it the pass stops at ``layer``."""
-    if not with_ntp:
-        return model(inputs, layers=[layer], stop_at=layer)[layer], None
-    (_, ntp), hidden = model(inputs, targets, layers=[layer])
-    return hidden[layer], ntp
-
-
-def loss_terms(model, probe: Probe, batch: torch.Tensor, labels: torch.Tensor, layer: int,
-               ntp_weight: float, pad: int):
-    """``batch: (B, L)`` full sequences -> (loss, ce, ntp or None, probe logits ``(B, C)``)
-    with ``loss = ce + ntp_weight * ntp``."""
-    from ..train.trainer import shift_targets
-
-    inputs, targets = shift_targets(batch, pad)
-    hidden, ntp = layer_and_ntp(model, inputs, targets, layer, ntp_weight > 0)
-    logits = probe(hidden[:, 1:]).float()  # code positions only, as toto probe's features
-    ce = F.cross_entropy(logits, labels)
-    return (ce if ntp is None else ce + ntp_weight * ntp), ce, ntp, logits
-
-
-def _batch(split: SplitTokens, idx, device) -> tuple[torch.Tensor, torch.Tensor]:
-    tokens = torch.from_numpy(split.tokens[idx].astype(np.int64)).to(device)  # (B, L)
-    return tokens, torch.from_numpy(split.labels[idx]).to(device)
-
-
-@torch.no_grad()
-def evaluate(model, probe: Probe, split: SplitTokens, layer: int, batch_size: int, device, dtype: str,
-             pad: int, progress: bool = False) -> dict:
-    """Val top-1/top-5, probe cross-entropy and next-token NLL (token-weighted) of a split, and
-    the per-sample ``logits (N, C)`` (not JSON: saved apart as val_predictions.npz)."""
-    from ..train.trainer import autocast_for, shift_targets
-
-    was_training = model.training, probe.training
-    model.eval()
-    probe.eval()
-    logits, ntp_sum, ntp_n = [], 0.0, 0
-    starts = range(0, len(split.labels), batch_size)
-    for s in tqdm(starts, desc="eval", unit="batch", disable=not progress, leave=False, dynamic_ncols=True):
-        batch, _ = _batch(split, np.arange(s, min(s + batch_size, len(split.labels))), device)
-        inputs, targets = shift_targets(batch, pad)
-        with autocast_for(device, dtype):
-            hidden, ntp = layer_and_ntp(model, inputs, targets, layer, True)
-            logits.append(probe(hidden[:, 1:]).float().cpu())
-        n = int((targets != -1).sum())
-        ntp_sum, ntp_n = ntp_sum + float(ntp) * n, ntp_n + n
-    model.train(was_training[0])
-    probe.train(was_training[1])
-    logits = torch.cat(logits)
-    y = torch.from_numpy(split.labels)
-    return {"top1": topk_accuracy(logits, y, 1),
-            "top5": topk_accuracy(logits, y, 5) if logits.shape[1] > 5 else None,
-            "ce": float(F.cross_entropy(logits, y)), "ntp": ntp_sum / max(ntp_n, 1), "logits": logits}
-
-
 def save_predictions(path: Path, logits: torch.Tensor, split: SplitTokens, ds, name: str) -> None:
     """``logits (N, C)``, ``labels (N,)``, the samples' ``paths`` (the split's readable files, in
     order) and the ``classes`` (index -> label text) of the latest evaluation, for task metrics
@@ -241,17 +121,17 @@ class FinetuneJob:
     progress: bool = True
 
     def run(self) -> dict:
-        from ..device import resolve_device
+        from ..tasks.base import Loop, RunState, Split, TaskModel, fit, rank0_first
         from ..tokenizers.base import get_tokenizer
-        from ..train.checkpoint import latest_checkpoint, load_model, resolve_checkpoint
-        from ..train.trainer import autocast_for
+        from ..train.checkpoint import load_model, resolve_checkpoint
+        from ..train.distributed import init_distributed
         from .features import check_compatible, scan_dataset
 
         cfg = (self.cfg or FinetuneConfig()).validate()
         if self.until is not None and self.until < 1:
             raise ConfigError(f"finetune: --until must be >= 1, got {self.until}")
         self.out = Path(self.out)
-        device = resolve_device(self.device)
+        info, device = init_distributed(self.device)
         tok = get_tokenizer(self.tokenizer, device=str(device))
         ds = scan_dataset(self.data, self.max_per_class)
         if len(ds.classes) < 2:
@@ -269,12 +149,12 @@ class FinetuneJob:
         self.out.mkdir(parents=True, exist_ok=True)
 
         tok_id = {**tok.identity(), "file": file_identity(self.tokenizer)}
-        data, cache = tokenize_splits(ds, tok, layout, spec, {"tokenizer": tok_id},
-                                      Path(self.cache) if self.cache else self.out / "tokens",
-                                      progress=self.progress)
+        data, cache = rank0_first(lambda: tokenize_splits(
+            ds, tok, layout, spec, {"tokenizer": tok_id}, Path(self.cache) if self.cache else self.out / "tokens",
+            progress=self.progress and info.is_main))
         n_train, n_val = len(data["train"].labels), len(data["val"].labels)
         skipped = {s: data[s].skipped for s in data}
-        if any(skipped.values()):
+        if any(skipped.values()) and info.is_main:
             first = (skipped["train"] + skipped["val"])[0]
             print(f"skipped {sum(map(len, skipped.values()))} unreadable file(s), e.g. {first['reason']}")
         if n_train < 2 or n_val < 1:
@@ -285,28 +165,16 @@ class FinetuneJob:
         run_id = {"checkpoint": str(src), "checkpoint_step": src_state.get("step"), "tokenizer": tok_id,
                   "data": str(Path(self.data).resolve()), "classes": ds.classes, "sequence": spec.to_dict(),
                   "max_per_class": self.max_per_class, "finetune": cfg.to_dict()}
-
         torch.manual_seed(cfg.seed)
         probe = Probe(mcfg.model.dim, len(ds.classes), "attentive", cfg.heads or mcfg.model.n_heads,
                       cfg.norm).to(device)
-        if cfg.lr == 0:
-            model.requires_grad_(False)  # a frozen trunk: the probe trains on live features
-        model.train()
-        probe.train()
+        task = TaskModel({"probe": (layer, probe)}, model, train_trunk=cfg.lr > 0, ntp_weight=cfg.ntp_weight,
+                         pad=layout.pad, dtype=cfg.dtype)
         opt = self._optimizer(model, probe, cfg, device)
-
-        epoch, step = 0, 0
-        last = latest_checkpoint(self.out)
-        if last is not None and not self.resume:
-            raise ConfigError(f"{self.out} already holds a fine-tuning run ({last.name}); pass --resume to "
-                              f"continue it or choose another --out")
-        if last is not None:
-            epoch, step = self._load(last, model, probe, opt, run_id)
-            kept = [r for r in read_jsonl(self.out / "metrics.jsonl") if r["epoch"] <= epoch]
-            atomic_write_bytes(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept).encode())
-            print(f"resuming {self.out} after epoch {epoch} (step {step})")
-        elif (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()  # records of a run killed before its first checkpoint
+        fields = {"vocab": layout.to_dict(), "init_from": str(src),  # as the trainer records the source
+                  **{k: src_state[k] for k in ("grid", "frames_per_sequence", "tokenizer") if k in src_state}}
+        state = RunState(self.out, run_id, resume=self.resume, what="a fine-tuning run",
+                         metrics=self.out / "metrics.jsonl", trunk=(mcfg, fields), keep=self.keep)
 
         report = {"checkpoint": str(src), "step": src_state.get("step"), "tokenizer": str(self.tokenizer),
                   "data": str(self.data), "kind": ds.kind, "classes": ds.classes, "n_classes": len(ds.classes),
@@ -315,57 +183,28 @@ class FinetuneJob:
                   "n_train": n_train, "n_val": n_val, "token_cache": str(cache),
                   "skipped": {s: [x["path"] for x in v] for s, v in skipped.items()},
                   "skipped_class_folders": ds.skipped_classes}
-        bs = min(cfg.batch_size, n_train)
-        per_epoch = epoch_steps(n_train, bs)
-        total, warmup = per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch)
-        stop = min(self.until or cfg.epochs, cfg.epochs)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        while epoch < stop:
-            perm = np.random.default_rng([cfg.seed, epoch]).permutation(n_train)
-            sums = {"loss": 0.0, "ce": 0.0, "ntp": 0.0, "correct": 0, "seen": 0}
-            tic = time.perf_counter()
-            bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step",
-                       disable=not self.progress, dynamic_ncols=True)
-            for b in bar:
-                for g in opt.param_groups:
-                    g["lr"] = cosine_lr(step, total, warmup, g["base_lr"], cfg.min_lr_ratio) * g["lr_scale"]
-                batch, y = _batch(data["train"], perm[b * bs:(b + 1) * bs], device)
-                with autocast_for(device, cfg.dtype):
-                    loss, ce, ntp, logits = loss_terms(model, probe, batch, y, layer, cfg.ntp_weight, layout.pad)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                step += 1
-                lv = float(loss.detach())
-                if not math.isfinite(lv):
-                    raise TrainingError(f"finetune loss became {lv} in epoch {epoch + 1}; lower --lr / --probe-lr")
-                sums["loss"] += lv
-                sums["ce"] += float(ce.detach())
-                sums["ntp"] += float(ntp.detach()) if ntp is not None else 0.0
-                sums["correct"] += int((logits.argmax(1) == y).sum())
-                sums["seen"] += len(y)
-                bar.set_postfix(loss=f"{lv:.3f}")
-            bar.close()
-            epoch += 1
-            val = evaluate(model, probe, data["val"], layer, bs, device, cfg.dtype, layout.pad, self.progress)
-            record = {"epoch": epoch, "step": step,
-                      "lr": cosine_lr(step - 1, total, warmup, cfg.lr, cfg.min_lr_ratio),
-                      "probe_lr": cosine_lr(step - 1, total, warmup, cfg.probe_lr, cfg.min_lr_ratio),
-                      "train_loss": sums["loss"] / per_epoch, "train_ce": sums["ce"] / per_epoch,
-                      "train_ntp": sums["ntp"] / per_epoch if cfg.ntp_weight > 0 else None,
-                      "train_top1": sums["correct"] / sums["seen"],
-                      "val_top1": val["top1"], "val_top5": val["top5"], "val_ce": val["ce"],
-                      "val_ntp": val["ntp"], "time_s": time.perf_counter() - tic}
+
+        def on_epoch(s):
+            val = {**s.val["probe"], "ntp": s.val_ntp}
+            ntp = s.train_ntp if cfg.ntp_weight > 0 else None
+            record = {"epoch": s.epoch, "step": s.step, "lr": s.lr_factor * cfg.lr,
+                      "probe_lr": s.lr_factor * cfg.probe_lr,
+                      "train_loss": s.train_loss["probe"] + (cfg.ntp_weight * ntp if ntp is not None else 0.0),
+                      "train_ce": s.train_loss["probe"], "train_ntp": ntp, "train_top1": s.train_correct["probe"],
+                      "val_top1": val["top1"], "val_top5": val["top5"], "val_ce": val["ce"], "val_ntp": val["ntp"],
+                      "time_s": s.time_s}
             append_jsonl(self.out / "metrics.jsonl", record)
             if self.progress:
-                tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.4f}  val top-1 "
+                tqdm.write(f"epoch {s.epoch}: train loss {record['train_loss']:.4f}  val top-1 "
                            f"{100 * val['top1']:.1f}%  val CE {val['ce']:.4f}  val NTP {val['ntp']:.4f}")
-            self._save(model, probe, opt, mcfg, src_state, layout, run_id, epoch, step)
-            save_predictions(self.out / "val_predictions.npz", val["logits"], data["val"], ds, "val")
+            save_predictions(self.out / "val_predictions.npz", s.val_logits["probe"], data["val"], ds, "val")
             self._write_results(report)
-        return self._write_results(report, plot=True)
+
+        loop = Loop(cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.min_lr_ratio, cfg.grad_clip, cfg.seed,
+                    until=self.until)
+        fit(task, opt, Split(data["train"].labels, data["train"].tokens), Split(data["val"].labels, data["val"].tokens),
+            loop, device=device, state=state, on_epoch=on_epoch, progress=self.progress)
+        return self._write_results(report, plot=True) if info.is_main else report
 
     # -- pieces ------------------------------------------------------------------------------
     @staticmethod
@@ -377,49 +216,6 @@ class FinetuneJob:
         groups += [{**g, "base_lr": cfg.probe_lr} for g in param_groups(probe, cfg.weight_decay)]
         kw = {"fused": True} if device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=cfg.probe_lr, **kw)
-
-    def _save(self, model, probe, opt, mcfg, src_state, layout, run_id, epoch, step) -> Path:
-        from ..train.checkpoint import save_checkpoint
-
-        osd = opt.state_dict()
-        state = {"epoch": epoch, "vocab": layout.to_dict(), "finetune_run": run_id,
-                 "init_from": run_id["checkpoint"],  # as the trainer records it: the source checkpoint
-                 "batch_order": "numpy default_rng([seed, epoch]).permutation(n_train)"}
-        for key in ("grid", "frames_per_sequence", "tokenizer"):
-            if key in src_state:
-                state[key] = src_state[key]
-        return save_checkpoint(self.out, step, model, mcfg, state, osd, keep=self.keep,
-                               extra_tensors={"probe": probe.state_dict()})
-
-    @staticmethod
-    def _load(path: Path, model, probe, opt, run_id: dict) -> tuple[int, int]:
-        from safetensors.torch import load_file
-
-        from ..train.checkpoint import load_weights, optimizer_from_tensors, read_checkpoint
-
-        _, state, tensors = read_checkpoint(path)
-        saved = state.get("finetune_run")
-        if saved is None:
-            raise CheckpointError(f"{path}: not a fine-tuning checkpoint (no finetune_run in state.json)")
-        now = json.loads(json.dumps(run_id))  # as it reads back from JSON
-        if saved != now:
-            def flat(d: dict) -> dict:
-                return {**{k: v for k, v in d.items() if k != "finetune"},
-                        **{f"finetune.{k}": v for k, v in d.get("finetune", {}).items()}}
-
-            a, b = flat(saved), flat(now)
-            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
-            raise ConfigError(f"--resume: {path.parent.parent} was started with other settings ({', '.join(diff)} "
-                              f"differ); rerun with the original ones or choose another --out")
-        verify_checksums(path, ["probe.safetensors", "optimizer.safetensors"])
-        try:
-            load_weights(model, tensors, str(path))
-            probe.load_state_dict(load_file(str(path / "probe.safetensors"), device=str(probe.head.weight.device)))
-            meta = json.loads((path / "optimizer.json").read_text())
-            opt.load_state_dict(optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta))
-        except (OSError, RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{path}: cannot restore the fine-tuning state ({e})") from None
-        return int(state["epoch"]), int(state["step"])
 
     def _write_results(self, report: dict, plot: bool = False) -> dict:
         from ..train.checkpoint import latest_checkpoint

@@ -14,9 +14,20 @@ Both heads see one layer's token features ``(B, T, D)`` and share everything aft
   value projections, multi-head, ``softmax(q k^T / sqrt(d_head)) v`` per head, heads
   concatenated. Average pooling: the mean over tokens.
 
-Training is AdamW with a linear warm-up and cosine decay per optimizer step, full batches of
-features held in memory; given the same seed, features and settings it is deterministic.
-``ProbeJob(online=True)`` trains the same probes without a feature cache (probe_online.py).
+Probes train on the downstream-task framework (toto.tasks.base): AdamW with a linear warm-up
+and cosine decay per optimizer step, given the same seed, features and settings deterministic,
+and under torchrun the same numbers on any number of ranks (BatchNorm statistics span the
+global batch). Two ways to feed them:
+
+- cached (default): each layer's features are extracted once into a feature cache
+  (toto.eval.features), then that layer's probes train on them, one layer in memory at a time.
+- online (``--online``, for data sets whose features do not fit on disk: ImageNet at 16x16
+  tokens and width 768 is 500 GB a layer, its token cache 660 MB): the probes of every layer
+  and pooling train together from one no-grad forward per batch over the cached token
+  sequences (the framework's frozen mode), features rounded to float16 as the cache stores
+  them, so both ways end on the same numbers up to float rounding. Val is scored after every
+  epoch (``metrics.jsonl``, one record per model and epoch) and each model's probes are saved
+  under ``OUT/online_state/<model>/``, from which ``--resume`` continues.
 """
 
 from __future__ import annotations
@@ -34,8 +45,10 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file
+from ..tasks.base import GlobalBatchNorm1d, topk_accuracy
 
 POOLINGS = ("attentive", "average")
+ONLINE_STATE = "online_state"  # --online: OUT/online_state/<model>/epoch_<e>/
 
 
 @dataclass
@@ -111,7 +124,7 @@ class Probe(nn.Module):
             raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
         self.token_norm = nn.LayerNorm(dim, elementwise_affine=False)
         self.pool = AttentivePool(dim, heads) if pooling == "attentive" else AveragePool()
-        self.norm = (nn.BatchNorm1d(dim, affine=False) if norm == "batchnorm"
+        self.norm = (GlobalBatchNorm1d(dim, affine=False) if norm == "batchnorm"
                      else nn.LayerNorm(dim, elementwise_affine=False))
         self.head = nn.Linear(dim, n_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.01)  # small start, as MAE's probe head
@@ -119,31 +132,6 @@ class Probe(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.pool(self.token_norm(x.float()))))
-
-
-def cosine_lr(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = lr * min_ratio
-    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def epoch_steps(n: int, batch_size: int) -> int:
-    """Batches in one pass over ``n`` samples; a trailing batch of one is dropped, since
-    BatchNorm cannot normalise a single sample."""
-    return max(1, n // batch_size if n % batch_size < 2 else n // batch_size + 1)
-
-
-def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """``(B,)`` bool: is the row's label among its ``k`` largest logits."""
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels[:, None]).any(dim=1)
-
-
-def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
-    """Fraction of rows whose label is among the ``k`` largest logits."""
-    return float(topk_hits(logits, labels, k).float().mean())
 
 
 @dataclass
@@ -157,76 +145,68 @@ class ProbeResult:
         return asdict(self)
 
 
-@torch.no_grad()
-def predict(probe: Probe, feats: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    probe.eval()
-    out = [probe(feats[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(feats), batch_size)]
-    return torch.cat(out) if out else torch.zeros(0, probe.head.out_features)
+def probe_key(layer: int, pooling: str) -> str:
+    return f"layer{layer}_{pooling}"
 
 
-def make_probe(dim: int, n_classes: int, pooling: str, cfg: ProbeConfig, default_heads: int,
-               device: torch.device) -> tuple[Probe, torch.optim.AdamW]:
-    """A probe and its AdamW (decay on matrices only), drawn right after seeding with
-    ``cfg.seed``: every probe starts the same whatever ran before it, cached or online."""
-    torch.manual_seed(cfg.seed)
-    probe = Probe(dim, n_classes, pooling, cfg.heads or default_heads, cfg.norm).to(device)
-    decay = [p for p in probe.parameters() if p.dim() >= 2]
-    rest = [p for p in probe.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
-    return probe, opt
+def make_probes(dim: int, n_classes: int, layers: list[int], poolings: list[str], cfg: ProbeConfig,
+                default_heads: int, device) -> tuple[dict, torch.optim.AdamW]:
+    """One probe per layer and pooling, each drawn right after seeding with ``cfg.seed`` (every
+    probe starts the same whatever ran before it, cached or online), and one AdamW over all of
+    them (decay on matrices only; AdamW updates each parameter on its own, so this is the same as
+    one optimizer per probe)."""
+    heads = {}
+    for layer in layers:
+        for pooling in poolings:
+            torch.manual_seed(cfg.seed)
+            heads[probe_key(layer, pooling)] = (layer, Probe(dim, n_classes, pooling, cfg.heads or default_heads,
+                                                             cfg.norm).to(device))
+    params = [p for _, h in heads.values() for p in h.parameters()]
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+                              "base_lr": cfg.lr},
+                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr}],
+                            lr=cfg.lr)
+    return heads, opt
 
 
-def probe_schedule(n: int, cfg: ProbeConfig) -> tuple[int, int, int, int]:
-    """(batch size, steps per epoch, total steps, warm-up steps) for ``n`` train samples."""
-    bs = min(cfg.batch_size, n)
-    steps_per_epoch = epoch_steps(n, bs)
-    return bs, steps_per_epoch, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+def fit_probes(model, opt, train, val, cfg: ProbeConfig, device, **kw) -> dict[str, ProbeResult]:
+    """Train every probe of ``model`` (a TaskModel) with the framework's loop, then score each:
+    val after the last epoch, train top-1 by one pass over the train split."""
+    from ..tasks.base import Loop, Task, fit, predict
+
+    loop = Loop(cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.min_lr_ratio, seed=cfg.seed)
+    stats = fit(model, opt, train, val, loop, device=device, **kw)
+    bs = loop.steps(len(train))[0]
+    if stats is None:  # a finished run resumed: score what it saved
+        val_logits, last = predict(model, val, bs, device)[0], kw["state"].last_loss
+    else:
+        val_logits, last = stats.val_logits, stats.last_loss
+    train_logits, _ = predict(model, train, bs, device, progress=kw.get("progress", False), desc="train top-1")
+    y = torch.as_tensor(train.targets)
+    out = {}
+    for key in model.heads:
+        v = Task().metrics(val_logits[key], val.targets)
+        out[key] = ProbeResult(top1=v["top1"], top5=v["top5"], train_top1=topk_accuracy(train_logits[key], y, 1),
+                               final_loss=float(last[key]))
+    return out
 
 
-def probe_step(probe: Probe, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               lr: float) -> torch.Tensor:
-    """One AdamW step on a batch ``x: (B, T, D)``, ``y: (B,)``; returns the loss before it."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    loss = F.cross_entropy(probe(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return loss
+def train_probe(train_x: torch.Tensor, train_y, val_x: torch.Tensor, val_y, n_classes: int, pooling: str,
+                cfg: ProbeConfig, default_heads: int, device: str | torch.device = "cpu"):
+    """Fit one probe on features ``train_x: (N, T, D)`` (any float dtype, kept on the CPU) and
+    score it on the validation split -> (ProbeResult, the TaskModel holding it). Deterministic
+    for a given ``cfg.seed``."""
+    from ..tasks.base import Split, TaskModel
 
-
-def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
-                n_classes: int, pooling: str, cfg: ProbeConfig, default_heads: int,
-                device: str | torch.device = "cpu") -> tuple[ProbeResult, Probe]:
-    """Fit one probe on ``train_x: (N, T, D)`` (any float dtype, kept on the CPU) and score it on
-    the validation split. Deterministic for a given ``cfg.seed``."""
     cfg.validate()
     device = torch.device(device)
     if len(train_x) == 0 or len(val_x) == 0:
         raise ConfigError("probe: the train and val splits both need at least one sample")
-    gen = torch.Generator().manual_seed(cfg.seed)  # the batch order; see toto.eval.probe_online
-    probe, opt = make_probe(train_x.shape[-1], n_classes, pooling, cfg, default_heads, device)
-    n = len(train_x)
-    bs, steps_per_epoch, total, warmup = probe_schedule(n, cfg)
-    step, loss = 0, torch.tensor(float("nan"))
-    probe.train()
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for b in range(steps_per_epoch):
-            idx = perm[b * bs:(b + 1) * bs]
-            lr = cosine_lr(step, total, warmup, cfg.lr, cfg.min_lr_ratio)
-            loss = probe_step(probe, opt, train_x[idx].to(device), train_y[idx].to(device), lr)
-            step += 1
-    val_logits = predict(probe, val_x, cfg.batch_size, device)
-    train_logits = predict(probe, train_x, cfg.batch_size, device)
-    result = ProbeResult(
-        top1=topk_accuracy(val_logits, val_y, 1),
-        top5=topk_accuracy(val_logits, val_y, 5) if n_classes > 5 else None,
-        train_top1=topk_accuracy(train_logits, train_y, 1),
-        final_loss=float(loss.detach()),
-    )
-    return result, probe
+    heads, opt = make_probes(train_x.shape[-1], n_classes, [0], [pooling], cfg, default_heads, device)
+    model = TaskModel(heads)
+    r = fit_probes(model, opt, Split(np.asarray(train_y), features={0: train_x}),
+                   Split(np.asarray(val_y), features={0: val_x}), cfg, device, progress=False)
+    return r[probe_key(0, pooling)], model
 
 
 def best_layer(results: dict[int, dict[str, dict]], pooling: str) -> tuple[int, float]:
@@ -283,16 +263,12 @@ def plot_accuracy(report: dict, path) -> None:
     plt.close(fig)
 
 
-def labels_tensor(labels) -> torch.Tensor:
-    return torch.as_tensor(np.asarray(labels), dtype=torch.long)
-
-
 # -- the whole evaluation: checkpoint + tokenizer + dataset -> results.json and probe.png --------
 
 @dataclass
 class ProbeJob:
     """Extract (cached) features of each requested layer, fit one probe per layer and pooling;
-    ``online``: all probes at once from live forwards over cached tokens (probe_online.py)."""
+    ``online``: all probes at once from live forwards over cached tokens."""
 
     checkpoint: str
     tokenizer: str
@@ -310,15 +286,16 @@ class ProbeJob:
     max_per_class: int | None = None
     probe: ProbeConfig | None = None
     progress: bool = True
-    online: bool = False  # train all probes from live forwards over cached tokens (probe_online.py)
+    online: bool = False  # train all probes from live forwards over cached tokens
     resume: bool = False  # --online only: continue the run in `out` from its saved state
 
     def run(self) -> dict:
         from ..ioutil import atomic_write_json
         from ..model.llama import Toto
+        from ..tasks.base import Split, TaskModel, rank0_first
         from ..tokenizers.base import get_tokenizer
         from ..train.checkpoint import load_model, resolve_checkpoint
-        from ..device import resolve_device
+        from ..train.distributed import init_distributed
         from .features import (FeatureExtractor, SequenceSpec, check_compatible, file_identity,
                                scan_dataset)
 
@@ -328,7 +305,7 @@ class ProbeJob:
         if self.resume and not self.online:
             raise ConfigError("--resume continues an --online run; the cached mode resumes from its feature "
                               "cache by itself")
-        device = resolve_device(self.device)
+        info, device = init_distributed(self.device)
         tok = get_tokenizer(self.tokenizer, device=str(device))
         ds = scan_dataset(self.data, self.max_per_class)
         spec = SequenceSpec(ds.kind, self.frames, self.stride, self.clip)
@@ -361,38 +338,81 @@ class ProbeJob:
             "models": {},
         }
         if self.online:
-            from .probe_online import run_online
-
-            run_online(self, report, models, ds=ds, tokenizer=tok, tok_id=tok_id, layout=layout, spec=spec,
-                       layers=layers, poolings=poolings, cfg=probe_cfg, default_heads=cfg.model.n_heads,
-                       device=device)
+            self._run_online(report, models, ds=ds, tokenizer=tok, tok_id=tok_id, layout=layout, spec=spec,
+                             layers=layers, poolings=poolings, cfg=probe_cfg, default_heads=cfg.model.n_heads,
+                             device=device)
         else:
             for name, (m, ident) in models.items():
                 extractor = FeatureExtractor(m, layout, tok, spec, layers,
                                              {"model": ident, "tokenizer": tok_id}, device,
-                                             batch_size=self.batch_size, progress=self.progress)
-                feats, manifest = extractor.run(ds, cache_root)
+                                             batch_size=self.batch_size, progress=self.progress and info.is_main)
+                feats, manifest = rank0_first(lambda: extractor.run(ds, cache_root))
                 skipped = {s: manifest["splits"][s]["skipped"] for s in feats}
                 res = self.model_entry(name, skipped, ds.classes, feats["train"].labels, len(feats["val"].labels),
                                        features=str(feats["train"].cache))
                 report["models"][name] = res
                 bar = tqdm(total=len(layers) * len(poolings), desc=f"probes ({name})", unit="probe",
-                           disable=not self.progress, dynamic_ncols=True)
-                for layer in layers:
-                    tx, vx = feats["train"].layer(layer), feats["val"].layer(layer)
-                    res["layers"][str(layer)] = {}
-                    for pooling in poolings:
-                        r, _ = train_probe(tx, feats["train"].labels, vx, feats["val"].labels, len(ds.classes),
-                                           pooling, probe_cfg, cfg.model.n_heads, device)
-                        res["layers"][str(layer)][pooling] = r.to_dict()
-                        bar.update(1)
-                    atomic_write_json(self.out / "results.json", report)  # partial results survive a kill
+                           disable=not (self.progress and info.is_main), dynamic_ncols=True)
+                for layer in layers:  # one layer's features in memory at a time
+                    heads, opt = make_probes(cfg.model.dim, len(ds.classes), [layer], poolings, probe_cfg,
+                                             cfg.model.n_heads, device)
+                    split = {s: Split(np.asarray(feats[s].labels), features={layer: feats[s].layer(layer)})
+                             for s in feats}
+                    got = fit_probes(TaskModel(heads), opt, split["train"], split["val"], probe_cfg, device,
+                                     progress=False)
+                    res["layers"][str(layer)] = {p: got[probe_key(layer, p)].to_dict() for p in poolings}
+                    bar.update(len(poolings))
+                    if info.is_main:
+                        atomic_write_json(self.out / "results.json", report)  # partial results survive a kill
                 bar.close()
                 set_best(res, poolings)
         report["best_layer"] = report["models"]["trained"]["best"]["layer"]
-        atomic_write_json(self.out / "results.json", report)
-        plot_accuracy(report, self.out / "probe.png")
+        if info.is_main:
+            atomic_write_json(self.out / "results.json", report)
+            plot_accuracy(report, self.out / "probe.png")
         return report
+
+    def _run_online(self, report: dict, models: dict, *, ds, tokenizer, tok_id: dict, layout, spec,
+                    layers: list[int], poolings: list[str], cfg: ProbeConfig, default_heads: int, device) -> None:
+        """Fill ``report["models"]`` as the cached path does, from live forwards over cached
+        tokens; each model (trained, then random init) is one framework run."""
+        from ..ioutil import append_jsonl
+        from ..tasks.base import RunState, Split, TaskModel, rank0_first, world
+        from .features import tokenize_splits
+
+        main = world()[0] == 0
+        # the same identity as toto finetune's: one --cache folder serves both commands
+        data, cache = rank0_first(lambda: tokenize_splits(
+            ds, tokenizer, layout, spec, {"tokenizer": tok_id}, Path(self.cache) if self.cache else self.out / "tokens",
+            batch_size=self.batch_size, progress=self.progress and main))
+        train, val = (Split(data[s].labels, data[s].tokens) for s in ("train", "val"))
+        skipped = {s: data[s].skipped for s in data}
+        report.update(mode="online", token_cache=str(cache))
+        for name in models:
+            report["models"][name] = self.model_entry(name, skipped, ds.classes, data["train"].labels, len(val),
+                                                      features=None)
+        metrics = self.out / "metrics.jsonl"
+        for name, (model, ident) in models.items():
+            heads, opt = make_probes(model.cfg.dim, len(ds.classes), layers, poolings, cfg, default_heads, device)
+            run_id = {"model": ident, "token_cache": cache.name, "layers": layers, "poolings": poolings,
+                      "probe": cfg.to_dict(), "n_train": len(train), "n_val": len(val)}
+            state = RunState(self.out / ONLINE_STATE / name, run_id, resume=self.resume, what="an online probe run",
+                             metrics=metrics, filter=lambda r, name=name: r.get("model") == name)
+
+            def on_epoch(s, name=name):
+                append_jsonl(metrics, {"model": name, "epoch": s.epoch, "step": s.step, "lr": s.lr_factor * cfg.lr,
+                                       "time_s": s.time_s, "train_loss": s.train_loss,
+                                       "val_top1": {k: v["top1"] for k, v in s.val.items()}})
+                if self.progress:
+                    top1, key = max((v["top1"], k) for k, v in s.val.items())
+                    tqdm.write(f"{name} epoch {s.epoch}/{cfg.epochs}: best val top-1 {100 * top1:.1f}% ({key})")
+
+            got = fit_probes(TaskModel(heads, model, pad=layout.pad), opt, train, val, cfg, device, state=state,
+                             on_epoch=on_epoch, progress=self.progress, desc=f"{name} ")
+            res = report["models"][name]
+            for layer in layers:
+                res["layers"][str(layer)] = {p: got[probe_key(layer, p)].to_dict() for p in poolings}
+            set_best(res, poolings)
 
     def model_entry(self, name: str, skipped: dict[str, list[dict]], classes: list[str], train_labels,
                     n_val: int, **extra) -> dict:

@@ -1,0 +1,543 @@
+"""The downstream-task framework: a task is a data reader, a head and a metric; this module is
+everything else, the same for every task.
+
+The paper evaluates a pre-trained Toto three ways (arXiv 2501.05453, Sec. 4): attentive probes
+on frozen features, fine-tuning with the next-token loss kept as an auxiliary term, and the same
+architecture at random initialisation as the baseline. Here that is one loop:
+
+    Split (token sequences (N, L) or cached features, targets (N,))
+      -> TaskModel: trunk (frozen, fine-tuned or absent) -> the layers the heads read
+                    -> heads (B, C) -> task loss per sample (+ ntp_weight x next-token NLL)
+      -> fit(): warm-up + cosine per step, AdamW, clipping, one epoch at a time, then val
+         (sharded, every rank the same number of forwards), metrics.jsonl, per-epoch state
+
+Distributed like pre-training (``toto.train.distributed``): under torchrun every rank takes
+rows ``rank::world`` of each global batch, the loss is scaled so DDP's gradient average is the
+global batch mean, BatchNorm statistics span the global batch (``GlobalBatchNorm1d``), and the
+run matches one process up to float rounding. Only rank 0 writes.
+
+The batch order is a pure function of (seed, epoch) and nothing else draws random numbers after
+the heads are initialised, so a resumed run reproduces the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from ..errors import CheckpointError, ConfigError, TrainingError
+from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir,
+                      read_jsonl, verify_checksums)
+
+# -- distributed pieces --------------------------------------------------------------------------
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class _AllSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum of the ranks' gradients: each rank's loss
+    reaches every rank's inputs through the shared statistics."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return all_sum(x.clone())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_sum(grad.clone())
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` whose training statistics span the global batch over all ranks, so two
+    ranks normalise as one process does (torch's SyncBatchNorm runs on GPUs only). Alone, or in
+    eval mode, it is ``nn.BatchNorm1d`` exactly; the state dict is the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        n = all_sum(torch.tensor(float(len(x)), device=x.device))
+        mean = _AllSum.apply(x.sum(0)) / n
+        var = _AllSum.apply(((x - mean) ** 2).sum(0)) / n  # biased, as BatchNorm normalises with
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum
+                self.running_mean.mul_(1 - m).add_(m * mean.detach())
+                self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(float(n) - 1, 1.0))
+                self.num_batches_tracked += 1
+        y = (x - mean) / torch.sqrt(var + self.eps)
+        return y * self.weight + self.bias if self.affine else y
+
+
+# -- data a task's reader produces ----------------------------------------------------------------
+
+
+@dataclass
+class Split:
+    """One split as the loop indexes it: ``tokens (N, L)`` ([start] + codes + [end], as in the
+    pre-training shards) for a live trunk, or ``features {layer: (N, T, D)}`` from a cache; and
+    ``targets (N,)`` (class ids for the classification tasks)."""
+
+    targets: np.ndarray
+    tokens: np.ndarray | None = None
+    features: dict[int, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, idx: np.ndarray, device) -> tuple[torch.Tensor | dict, torch.Tensor]:
+        y = torch.as_tensor(self.targets[idx]).to(device)
+        if self.features is not None:
+            t = torch.as_tensor(idx)
+            return {layer: f[t].to(device) for layer, f in self.features.items()}, y
+        return torch.from_numpy(self.tokens[idx].astype(np.int64)).to(device), y
+
+
+# -- the model: a trunk and heads on its layers -----------------------------------------------------
+
+
+def code_features(hidden: torch.Tensor) -> torch.Tensor:
+    """Residual stream ``(B, 1 + T, D)`` of ``[start] + codes`` -> frozen features ``(B, T, D)
+    float16``: the visual code positions, as the feature cache stores them."""
+    return hidden[:, 1:].to(torch.float16)
+
+
+class TaskModel(nn.Module):
+    """Heads on a trunk's layers, one module, so DDP wraps it whole and one optimizer steps it.
+
+    ``heads``: name -> (layer, module ``(B, T, D) -> (B, C)``). ``trunk``: a Toto, or None when
+    the split carries cached features. ``train_trunk``: fine-tune it (else it is frozen, run
+    without gradients, and its features are rounded to float16 as cached ones are).
+    ``ntp_weight``: the next-token auxiliary loss's weight (None: never computed; 0: measured on
+    val only). Blocks a fine-tuned trunk never runs for the loss (above the deepest head when
+    ``ntp_weight`` is 0) are frozen, so DDP sees no unused parameters."""
+
+    def __init__(self, heads: dict[str, tuple[int, nn.Module]], trunk: nn.Module | None = None, *,
+                 train_trunk: bool = False, ntp_weight: float | None = None, pad: int = -1, dtype: str = "auto"):
+        super().__init__()
+        self.heads = nn.ModuleDict({name: m for name, (_, m) in heads.items()})
+        self.reads = {name: layer for name, (layer, _) in heads.items()}
+        self.layers = sorted(set(self.reads.values()))
+        self.trunk, self.train_trunk, self.ntp_weight, self.pad, self.dtype = trunk, train_trunk, ntp_weight, pad, dtype
+        if trunk is None:
+            return
+        if not train_trunk:
+            trunk.requires_grad_(False)
+        elif not ntp_weight:
+            used = {id(p) for m in (trunk.tok_emb, *trunk.layers[:max(self.layers)]) for p in m.parameters()}
+            for p in trunk.parameters():
+                if id(p) not in used:
+                    p.requires_grad_(False)
+
+    def forward(self, inputs, with_ntp: bool = False):
+        """``inputs``: tokens ``(B, L)`` or cached features -> (``{head: (B, C) float32}``, the
+        mean next-token NLL or None)."""
+        feats, ntp = self.features(inputs, with_ntp) if self.trunk is not None else (inputs, None)
+        return {name: head(feats[self.reads[name]]).float() for name, head in self.heads.items()}, ntp
+
+    def features(self, tokens: torch.Tensor, with_ntp: bool = False):
+        """``tokens (B, L)`` -> (``{layer: (B, T, D)}`` at the code positions, the mean next-token
+        NLL or None): one trunk pass that stops at the deepest layer read unless the NTP term
+        needs the full depth."""
+        from ..train.trainer import autocast_for, shift_targets
+
+        x, targets = shift_targets(tokens, self.pad)
+        grad = torch.enable_grad() if self.train_trunk else torch.no_grad()
+        ntp = None
+        with grad, autocast_for(tokens.device, self.dtype):
+            if with_ntp:
+                (_, ntp), hidden = self.trunk(x, targets, layers=self.layers)
+            else:
+                hidden = self.trunk(x, layers=self.layers, stop_at=max(self.layers))
+        if not self.train_trunk:
+            return {layer: code_features(h) for layer, h in hidden.items()}, ntp
+        return {layer: h[:, 1:] for layer, h in hidden.items()}, ntp
+
+    def head_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        return {name: {k: v.detach().contiguous().cpu() for k, v in h.state_dict().items()}
+                for name, h in self.heads.items()}
+
+
+# -- what a task supplies beyond its reader and heads --------------------------------------------
+
+
+class Task:
+    """A classification task's loss, train accuracy and metric; a task that is not
+    classification overrides these methods."""
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` per-sample loss (the loop averages over the global batch)."""
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def correct(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` bool: counted as the train accuracy seen during an epoch."""
+        return logits.argmax(1) == targets
+
+    def metrics(self, logits: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Scores of a whole split from its ``logits (N, C)``: top-1, top-5 (over 5 classes),
+        cross-entropy."""
+        t = torch.as_tensor(targets)
+        return {"top1": topk_accuracy(logits, t, 1),
+                "top5": topk_accuracy(logits, t, 5) if logits.shape[1] > 5 else None,
+                "ce": float(F.cross_entropy(logits, t)) if len(t) else float("nan")}
+
+
+def topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B,)`` bool: is the row's label among its ``k`` largest logits."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Fraction of rows whose label is among the ``k`` largest logits."""
+    return float(topk_hits(logits, labels, k).float().mean())
+
+
+# -- the loop ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Loop:
+    """What the loop needs to know beyond the optimizer's groups (each with ``base_lr`` and
+    optionally ``lr_scale``)."""
+
+    epochs: int
+    batch_size: int
+    warmup_epochs: float = 0.0
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # max global gradient norm; 0: off
+    seed: int = 0
+    until: int | None = None  # stop after this epoch; the schedule keeps `epochs`
+
+    def steps(self, n: int) -> tuple[int, int, int, int]:
+        """(batch size, steps per epoch, total steps, warm-up steps) for ``n`` train samples."""
+        bs = min(self.batch_size, n)
+        per_epoch = epoch_steps(n, bs)
+        return bs, per_epoch, per_epoch * self.epochs, round(self.warmup_epochs * per_epoch)
+
+
+def epoch_steps(n: int, batch_size: int) -> int:
+    """Batches in one pass over ``n`` samples; a trailing batch of one is dropped, since
+    BatchNorm cannot normalise a single sample."""
+    return max(1, n // batch_size if n % batch_size < 2 else n // batch_size + 1)
+
+
+def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """Epoch ``epoch``'s order of the ``n`` train samples: a pure function of (seed, epoch)."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def lr_of(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
+    """Linear warm-up to ``lr`` then cosine decay to ``lr * min_ratio`` at ``total``."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    floor = lr * min_ratio
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup: int, min_ratio: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr_of(step, total, warmup, g["base_lr"], min_ratio) * g.get("lr_scale", 1.0)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    step: int
+    lr_factor: float  # the schedule's factor at the epoch's last step (x a group's base lr)
+    train_loss: dict[str, float]  # per head, mean over the epoch's samples
+    train_correct: dict[str, float]  # per head, fraction of the epoch's samples
+    train_ntp: float | None
+    last_loss: dict[str, float]  # per head, the epoch's last step (global batch mean)
+    val: dict[str, dict]  # per head, Task.metrics of the val split
+    val_ntp: float | None
+    val_logits: dict[str, torch.Tensor]  # per head, (N_val, C) in split order
+    time_s: float
+
+
+@torch.no_grad()
+def predict(model: TaskModel, split: Split, batch_size: int, device, with_ntp: bool = False,
+            progress: bool = False, desc: str = "eval") -> tuple[dict[str, torch.Tensor], float | None]:
+    """Every head's logits ``(N, C)`` on a split, in its order, on every rank, and the
+    token-weighted next-token NLL (``with_ntp``). Rank r evaluates rows ``r::world``; every rank
+    runs the same number of forwards (padding batches count zero), so collectives inside the
+    model (FSDP) never wait on a rank that ran out of rows."""
+    rank, size = world()
+    n = len(split)
+    mine = np.arange(rank, n, size)
+    per_rank = -(-n // size)
+    was = model.training
+    model.eval()
+    outs: dict[str, list] = {name: [] for name in model.heads}
+    ntp_sum = torch.zeros(2, dtype=torch.float64, device=device)
+    for b in tqdm(range(-(-per_rank // batch_size)), desc=desc, unit="batch", disable=not progress,
+                  leave=False, dynamic_ncols=True):
+        idx = mine[b * batch_size:(b + 1) * batch_size]
+        real = len(idx) > 0
+        inputs, _ = split.batch(idx if real else np.arange(min(n, 1)), device)
+        logits, ntp = model(inputs, with_ntp=with_ntp)
+        if not real:
+            continue
+        for name, x in logits.items():
+            outs[name].append(x.cpu())
+        if ntp is not None:
+            tokens = len(idx) * (inputs.shape[1] - 1)
+            ntp_sum += torch.tensor([float(ntp) * tokens, tokens], dtype=torch.float64, device=device)
+    model.train(was)
+    all_sum(ntp_sum)
+    out = {}
+    for name, parts in outs.items():
+        local = torch.cat(parts) if parts else torch.zeros(0, 0)
+        out[name] = _gather_rows(local, n, rank, size, device)
+    return out, (float(ntp_sum[0] / ntp_sum[1]) if with_ntp and ntp_sum[1] > 0 else None)
+
+
+def _gather_rows(local: torch.Tensor, n: int, rank: int, size: int, device) -> torch.Tensor:
+    """Rows ``r::size`` held by each rank -> all ``n`` rows in order, on every rank (CPU)."""
+    if size == 1:
+        return local
+    width = torch.tensor([local.shape[1] if local.numel() else 0], device=device)
+    dist.all_reduce(width, op=dist.ReduceOp.MAX)
+    pad = torch.zeros(-(-n // size), int(width), device=device)
+    pad[:len(local)] = local.to(device)
+    parts = [torch.zeros_like(pad) for _ in range(size)]
+    dist.all_gather(parts, pad)
+    full = torch.zeros(n, int(width))
+    for r, p in enumerate(parts):
+        full[r::size] = p[:len(range(r, n, size))].cpu()
+    return full
+
+
+def fit(model: TaskModel, opt: torch.optim.Optimizer, train: Split, val: Split, loop: Loop, *,
+        device, task: Task | None = None, state: "RunState | None" = None, on_epoch: Callable | None = None,
+        progress: bool = True, desc: str = "") -> EpochStats | None:
+    """Train ``model`` from where ``state`` left off to ``loop.epochs`` (or ``loop.until``),
+    scoring val after every epoch; ``on_epoch(stats)`` (rank 0) writes the epoch's records,
+    then ``state`` saves. Returns the last epoch's stats (None if nothing was left to train)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    task = task or Task()
+    rank, size = world()
+    progress = progress and rank == 0
+    n = len(train)
+    bs, per_epoch, total, warmup = loop.steps(n)
+    epoch, step = state.resume(model, opt) if state is not None else (0, 0)
+    stop = min(loop.until or loop.epochs, loop.epochs)
+    wrapped = model
+    if size > 1 and any(p.requires_grad for p in model.parameters()):
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    names = list(model.heads)
+    with_ntp = bool(model.ntp_weight)
+    stats = None
+    model.train()
+    while epoch < stop:
+        order = batch_order(n, loop.seed, epoch)
+        # per head: loss sum, correct count; then ntp sum, samples; summed over ranks each step
+        sums = torch.zeros(2 * len(names) + 2, dtype=torch.float64, device=device)
+        last = sums
+        tic = time.perf_counter()
+        bar = tqdm(range(per_epoch), desc=f"{desc}epoch {epoch + 1}/{loop.epochs}", unit="step",
+                   disable=not progress, dynamic_ncols=True)
+        for b in bar:
+            rows = order[b * bs:(b + 1) * bs]
+            local = rows[rank::size]
+            set_lr(opt, step, total, warmup, loop.min_lr_ratio)
+            inputs, y = train.batch(local, device)
+            logits, ntp = wrapped(inputs, with_ntp=with_ntp)
+            per_head = [task.loss(logits[k], y) for k in names]
+            loss = sum(x.sum() for x in per_head)
+            if ntp is not None:
+                loss = loss + model.ntp_weight * ntp * len(local)
+            (loss * size / len(rows)).backward()  # DDP averages over ranks: the global batch mean
+            if loop.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, loop.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            with torch.no_grad():
+                vals = [x.sum() for x in per_head] + [task.correct(logits[k], y).sum() for k in names]
+                vals += [ntp * len(local) if ntp is not None else torch.zeros((), device=device),
+                         torch.tensor(float(len(local)), device=device)]
+                last = all_sum(torch.stack([v.double() for v in vals]))
+            sums += last
+        bar.close()
+        epoch += 1
+        k = len(names)
+        seen = float(sums[-1])
+        train_loss = {name: float(sums[i]) / seen for i, name in enumerate(names)}
+        bad = [v for v in train_loss.values() if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(f"{desc}loss became {bad[0]} in epoch {epoch}; lower the learning rate")
+        val_logits, val_ntp = predict(model, val, bs, device, with_ntp=model.ntp_weight is not None,
+                                      progress=progress, desc="val")
+        stats = EpochStats(
+            epoch=epoch, step=step, lr_factor=lr_of(step - 1, total, warmup, 1.0, loop.min_lr_ratio),
+            train_loss=train_loss, train_correct={name: float(sums[k + i]) / seen for i, name in enumerate(names)},
+            train_ntp=float(sums[2 * k]) / seen if with_ntp else None,
+            last_loss={name: float(last[i]) / float(last[-1]) for i, name in enumerate(names)},
+            val={name: task.metrics(val_logits[name], val.targets) for name in names}, val_ntp=val_ntp,
+            val_logits=val_logits, time_s=time.perf_counter() - tic)
+        if rank == 0 and on_epoch is not None:
+            on_epoch(stats)
+        if state is not None:
+            state.save(model, opt, epoch, step, {"last_loss": stats.last_loss})
+    return stats
+
+
+# -- per-epoch state, resume, metrics ---------------------------------------------------------------
+
+
+def settings_differ(a: dict, b: dict) -> list[str]:
+    """Dotted names of the (nested) entries where ``a`` and ``b`` differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += [f"{k}.{s}" for s in settings_differ(x, y)]
+        elif x != y:
+            out.append(k)
+    return out
+
+
+class RunState:
+    """One run's state after each epoch, written atomically by rank 0: the heads, the optimizer,
+    epoch and step, and ``run_id`` (everything that changes the result: a resume with other
+    settings is refused, naming them). A fine-tuned trunk makes it a normal toto checkpoint
+    under ``root/checkpoints`` (``toto probe`` and ``forecast`` load it; ``trunk = (model
+    config, state fields)``); a frozen one is not copied: ``root/epoch_<e>``.
+
+    ``metrics`` (a metrics.jsonl) loses the records a killed run wrote after its last state;
+    ``filter`` picks this run's records when several runs share the file."""
+
+    def __init__(self, root: Path, run_id: dict, *, resume: bool, what: str, metrics: Path | None = None,
+                 trunk: tuple | None = None, keep: int = 2, filter: Callable[[dict], bool] | None = None):
+        self.root, self.run_id, self.resume_ok, self.what = Path(root), json.loads(json.dumps(run_id)), resume, what
+        self.metrics, self.trunk, self.keep, self.filter = metrics, trunk, keep, filter or (lambda r: True)
+        self.last_loss: dict = {}
+
+    def latest(self) -> Path | None:
+        if self.trunk is not None:
+            from ..train.checkpoint import latest_checkpoint
+
+            return latest_checkpoint(self.root)
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        path = pointer.parent / pointer.read_text().strip()
+        if not (path / "state.json").is_file():
+            raise CheckpointError(f"{pointer} names {path.name}, which is missing or incomplete; remove "
+                                  f"{pointer.parent} to start over")
+        return path
+
+    def resume(self, model: TaskModel, opt: torch.optim.Optimizer) -> tuple[int, int]:
+        """(epoch, step) to continue from: (0, 0) for a new run. Refuses an existing run
+        without ``resume`` and a resume with changed settings."""
+        saved = self.latest()
+        if saved is None:
+            rank, _ = world()
+            if rank == 0 and self.metrics is not None and self.metrics.exists():
+                self._trim(None)  # records of a run killed before its first saved state
+            return 0, 0
+        if not self.resume_ok:
+            raise ConfigError(f"{self.root} already holds {self.what} ({saved.name}); pass --resume to continue it "
+                              f"or choose another --out")
+        state = json.loads((saved / "state.json").read_text())
+        if state.get("run") != self.run_id:
+            raise ConfigError(f"--resume: {self.root} was started with other settings "
+                              f"({', '.join(settings_differ(state.get('run') or {}, self.run_id))} differ); rerun "
+                              f"with the original ones or choose another --out")
+        self._load(saved, model, opt)
+        epoch, step = int(state["epoch"]), int(state["step"])
+        self.last_loss = state.get("last_loss", {})
+        if world()[0] == 0 and self.metrics is not None:
+            self._trim(epoch)
+        print(f"resuming {self.root} after epoch {epoch} (step {step})")
+        return epoch, step
+
+    def _trim(self, epoch: int | None) -> None:
+        keep = [r for r in read_jsonl(self.metrics) if not self.filter(r) or (epoch is not None and r["epoch"] <= epoch)]
+        atomic_write_bytes(self.metrics, "".join(json.dumps(r) + "\n" for r in keep).encode())
+
+    def _load(self, path: Path, model: TaskModel, opt) -> None:
+        from safetensors.torch import load_file
+
+        from ..train.checkpoint import load_weights, optimizer_from_tensors, read_checkpoint
+
+        heads = [f"{name}.safetensors" for name in model.heads]
+        try:
+            if self.trunk is not None:
+                _, _, tensors = read_checkpoint(path)
+                verify_checksums(path, [*heads, "optimizer.safetensors"])
+                load_weights(model.trunk, tensors, str(path))
+            for name, head in model.heads.items():
+                device = next(iter(head.state_dict().values()), torch.zeros(())).device
+                head.load_state_dict(load_file(str(path / f"{name}.safetensors"), device=str(device)))
+            meta = json.loads((path / "optimizer.json").read_text())
+            opt.load_state_dict(optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta))
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise CheckpointError(f"{path}: cannot restore the {self.what} state ({e})") from None
+
+    def save(self, model: TaskModel, opt, epoch: int, step: int, extra: dict) -> None:
+        from ..train.checkpoint import optimizer_to_tensors, save_checkpoint
+
+        rank, _ = world()
+        if rank == 0:
+            state = {"epoch": epoch, "step": step, "run": self.run_id, **extra,
+                     "batch_order": "numpy default_rng([seed, epoch]).permutation(n_train)"}
+            if self.trunk is not None:
+                mcfg, fields = self.trunk
+                save_checkpoint(self.root, step, model.trunk, mcfg, {**fields, **state}, opt.state_dict(),
+                                keep=self.keep, extra_tensors=model.head_state())
+            else:
+                from safetensors.torch import save_file
+
+                root = self.root
+                name = f"epoch_{epoch:04d}"
+                tmp = fresh_tmp_dir(root / name)
+                for head, tensors in model.head_state().items():
+                    save_file(tensors, str(tmp / f"{head}.safetensors"))
+                tensors, meta = optimizer_to_tensors(opt.state_dict())
+                save_file(tensors, str(tmp / "optimizer.safetensors"))
+                atomic_write_json(tmp / "optimizer.json", meta)
+                atomic_write_json(tmp / "state.json", {**state})
+                atomic_replace_dir(tmp, root / name)
+                atomic_write_bytes(root / "latest", name.encode())
+                for old in root.glob("epoch_*"):
+                    if old.name != name:
+                        shutil.rmtree(old)
+        if dist.is_initialized():
+            dist.barrier()
+
+
+def rank0_first(fn: Callable):
+    """Rank 0 runs ``fn`` (e.g. fills a cache), then the other ranks run it and read what rank 0
+    wrote: one writer per cache."""
+    rank, _ = world()
+    out = fn() if rank == 0 else None
+    if dist.is_initialized():
+        dist.barrier()
+    return fn() if rank != 0 else out

@@ -1,0 +1,116 @@
+"""The downstream-task framework (toto.tasks.base): under torchrun, 2 CPU ranks (gloo) train what
+one process trains, on a validation split that does not divide evenly between the ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from toto.ioutil import read_jsonl
+
+
+def _setup(tmp_path: Path):
+    """2 classes differing in brightness: 10 train images, 3 val images (2 + 1), a patch
+    tokenizer and a random tiny checkpoint."""
+    from toto.config import build_config
+    from toto.model.llama import Toto
+    from toto.tokenizers.patch import PatchTokenizer
+    from toto.train.checkpoint import save_checkpoint
+    from toto.vocab import N_SPECIAL
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    for split, counts in (("train", (5, 5)), ("val", (2, 1))):
+        for c, (base, n) in enumerate(zip((60, 180), counts)):
+            for i in range(n):
+                img = np.clip(base + rng.normal(0, 40, (16, 16, 3)), 0, 255).astype(np.uint8)
+                p = root / split / f"c{c}" / f"{i}.png"
+                p.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(p)
+    frames = np.stack([np.asarray(Image.open(p)) for p in sorted(root.glob("train/c*/*.png"))])
+    PatchTokenizer.fit(frames, n_codes=8, patch=8, resolution=16, seed=0).save(tmp_path / "tok.safetensors")
+    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
+                                      f"model.vocab_size={8 + N_SPECIAL}", "model.max_seq_len=64"])
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "run", 7, Toto(cfg.model), cfg, {"tokens": 0})
+    return root, tmp_path / "tok.safetensors", tmp_path / "run"
+
+
+# Probe parameters without a true gradient: the key bias shifts every attention score equally
+# (softmax ignores it), the value bias shifts the pooled vector by a constant that BatchNorm
+# removes (and with it the running mean). Their gradients are float rounding noise, which AdamW
+# scales up to full-size steps, so they wander differently with any change in summation order;
+# the function they compute does not depend on them (the logits are compared below).
+GAUGE = {"pool.k.bias", "pool.v.bias", "norm.running_mean"}
+
+
+def _toto(args: list[str], nproc: int | None = None):
+    """``nproc=None``: one plain process; a number: under torchrun with that many gloo ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "toto", *args] if nproc is None else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+         "--master_port", str(29700 + os.getpid() % 1000), "-m", "toto", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_with_uneven_val_split(tmp_path):
+    """``toto finetune`` (trunk + attentive probe, CE + next-token loss) and ``toto probe --online``
+    (frozen trunk, probes of two layers x two poolings): 2 DDP ranks vs 1 process on the same
+    global batches. 10 train samples in batches of 3 (a trailing batch of one is dropped): every
+    step gives rank 0 two rows and rank 1 one, so the loss must be weighted by rows and BatchNorm
+    must use global statistics; 3 val samples (rank 0 holds 2, rank 1 holds 1 and runs a padding
+    forward). Every logged number and every final weight agree up to float
+    rounding, and the val predictions come back in list order."""
+    data, tok, run = _setup(tmp_path)
+    common = ["--checkpoint", str(run), "--tokenizer", str(tok), "--data", str(data), "--no-progress"]
+    ft = ["finetune", *common, "--epochs", "2", "--batch-size", "3", "--lr", "1e-3", "--warmup-epochs", "0.5"]
+    on = ["probe", *common, "--online", "--layers", "1,2", "--epochs", "2", "--probe-batch-size", "3",
+          "--lr", "3e-3"]
+    for args, name in ((ft, "ft"), (on, "online")):
+        _toto([*args, "--out", str(tmp_path / f"{name}1")])
+        _toto([*args, "--out", str(tmp_path / f"{name}2")], nproc=2)
+
+    # fine-tuning: the per-epoch records, the trunk, the probe, the val predictions
+    one, two = (read_jsonl(tmp_path / f"ft{n}" / "metrics.jsonl") for n in (1, 2))
+    assert [r["epoch"] for r in one] == [r["epoch"] for r in two] == [1, 2]
+    assert [r["step"] for r in two] == [3, 6]
+    for a, b in zip(one, two):
+        for k in ("train_loss", "train_ce", "train_ntp", "train_top1", "val_top1", "val_ce", "val_ntp", "lr"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (k, a, b)
+    rep = json.loads((tmp_path / "ft2" / "results.json").read_text())
+    assert rep["n_val"] == 3 and rep["n_train"] == 10
+    ckpts = [Path(json.loads((tmp_path / f"ft{n}" / "results.json").read_text())["finetuned_checkpoint"])
+             for n in (1, 2)]
+    for f in ("model.safetensors", "probe.safetensors"):
+        wa, wb = (load_file(str(c / f)) for c in ckpts)
+        assert wa.keys() == wb.keys()
+        for k in set(wa) - GAUGE:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=k)
+    pa, pb = (np.load(tmp_path / f"ft{n}" / "val_predictions.npz") for n in (1, 2))
+    assert pb["paths"].tolist() == pa["paths"].tolist() and pb["labels"].tolist() == [0, 0, 1]
+    np.testing.assert_allclose(pb["logits"], pa["logits"], rtol=1e-3, atol=1e-4)  # GAUGE drift reaches eval
+
+    # online probing: every probe's results and the saved probes
+    ra, rb = (json.loads((tmp_path / f"online{n}" / "results.json").read_text())["models"]["trained"]
+              for n in (1, 2))
+    for layer in ("1", "2"):
+        for pooling in ("attentive", "average"):
+            a, b = ra["layers"][layer][pooling], rb["layers"][layer][pooling]
+            assert (b["top1"], b["train_top1"]) == (a["top1"], a["train_top1"])
+            assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-4)
+    sa, sb = (tmp_path / f"online{n}" / "online_state" / "trained" / "epoch_0002" for n in (1, 2))
+    for f in sorted(p.name for p in sa.glob("layer*.safetensors")):
+        wa, wb = load_file(str(sa / f)), load_file(str(sb / f))
+        for k in set(wa) - GAUGE:
+            torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=f"{f} {k}")
