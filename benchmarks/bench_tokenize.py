@@ -136,7 +136,7 @@ def dvae_vs_reference(frames: np.ndarray, device: torch.device, rounds: int) -> 
     Returns table rows, notes and a record."""
     import dall_e
 
-    from toto.tokenizers.dvae import DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
+    from toto.tokenizers.dvae import Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
 
     res = frames.shape[1]
     torch.manual_seed(0)
@@ -160,10 +160,10 @@ def dvae_vs_reference(frames: np.ndarray, device: torch.device, rounds: int) -> 
         fns["ours: oneDNN fused, fp32"] = lambda: tok.encode(frames)
         exact = None  # the reference runs fp32 on CPU: its codes are the exact ones
     else:
-        toks = {}
+        toks, dec = {}, Decoder(cfg)  # one (unused) decoder for all
         for prec, comp in (("fp32", False), ("fp16", False), ("bf16", False), ("fp16", True), ("bf16", True)):
             toks[f"ours: {prec}{', compiled' if comp else ''}"] = DVAETokenizer(
-                cfg, copy.deepcopy(enc), device=device, batch_size=64, precision=prec, compile=comp)
+                cfg, copy.deepcopy(enc), dec, device=device, batch_size=64, precision=prec, compile=comp)
         torch.backends.cudnn.allow_tf32 = False  # exact fp32 codes, for the agreement column
         exact = toks["ours: fp32"].encode(frames)
         torch.backends.cudnn.allow_tf32 = True

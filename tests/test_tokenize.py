@@ -380,7 +380,7 @@ def test_torchrun_two_ranks_byte_identical_to_one_process(tmp_path, mixed):
     out = tmp_path / "torchrun"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "toto.tokenize", *mixed["inputs"], "--tokenizer", mixed["tok"], "--out", str(out),
-           *mixed["opts"], "--threads", "1"]
+           *mixed["opts"], "--threads", "1", "--resume"]  # --resume on a fresh folder starts afresh
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert folder_bytes(out) == folder_bytes(mixed["one"])

@@ -325,7 +325,9 @@ class DVAETokenizer(Tokenizer):
 
     def _encoder_fn(self):
         """The fastest exact encoder for the device: fused oneDNN on CPU, channels-last (and
-        compiled on request) on CUDA; the plain module elsewhere."""
+        compiled on request) on CUDA; the plain module elsewhere. Built on the first encode from
+        the weights then in ``self.encoder`` (the CPU one copies them): after changing those
+        weights, call ``set_speed`` to rebuild it."""
         if self._encode_fn is None:
             if self.device.type == "cpu" and torch.backends.mkldnn.is_available():
                 self._encode_fn = FusedCPUEncoder(self.encoder)
