@@ -19,7 +19,7 @@ from test_probe import _tiny_setup  # 2-class images, a patch tokenizer, a rando
 from toto.cli import main
 from toto.errors import ConfigError
 from toto.eval.finetune import FinetuneConfig
-from toto.eval.probe import Probe
+from toto.tasks.heads import Probe
 
 
 def _args(run, tok, data, out, *extra):

@@ -15,9 +15,10 @@ from PIL import Image
 
 from toto.errors import CheckpointError, ConfigError, DataError
 from toto.eval.features import scan_dataset
-from toto.eval.probe import (AttentivePool, Probe, ProbeConfig, best_layer, topk_accuracy,
-                             train_probe)
+from toto.eval.probe import ProbeConfig, best_layer, train_probe
 from toto.tasks.base import lr_of as cosine_lr
+from toto.tasks.base import topk_accuracy
+from toto.tasks.heads import AttentivePool, Probe
 
 
 # -- attention pooling -------------------------------------------------------------------------

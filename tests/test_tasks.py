@@ -114,3 +114,47 @@ def test_two_ranks_match_one_process_with_uneven_val_split(tmp_path):
         wa, wb = load_file(str(sa / f)), load_file(str(sb / f))
         for k in set(wa) - GAUGE:
             torch.testing.assert_close(wb[k], wa[k], rtol=1e-4, atol=1e-4, msg=f"{f} {k}")
+
+
+def test_a_task_is_a_reader_heads_and_a_metric(tmp_path):
+    """The worked example of docs/framework.md: ``TaskRun(...).run(ClassifyTask(...))`` trains
+    the task's heads on the frozen trained model and on the random-init baseline, one generic
+    metrics.jsonl record per model and epoch, the probes saved per epoch; the logged val top-1
+    and logits equal what the saved probe gives on features computed independently
+    (``hidden_states``)."""
+    from toto.data.images import read_image
+    from toto.eval.features import scan_dataset
+    from toto.tasks.base import Loop, TaskRun
+    from toto.tasks.classify import ClassifyTask
+    from toto.tasks.heads import Probe
+    from toto.tokenizers.base import get_tokenizer
+    from toto.train.checkpoint import load_model
+    from toto.vocab import VocabLayout
+
+    data, tok, run = _setup(tmp_path)
+    task = ClassifyTask(data, {"probe": (1, "attentive")})
+    done = TaskRun(str(run), str(tok), tmp_path / "out", Loop(epochs=2, batch_size=4), head_lr=3e-3,
+                   random_init=True, progress=False).run(task)
+    assert sorted(done) == ["random_init", "trained"]
+    recs = read_jsonl(tmp_path / "out" / "metrics.jsonl")
+    assert [(r["model"], r["epoch"]) for r in recs] == [("trained", 1), ("trained", 2), ("random_init", 1),
+                                                          ("random_init", 2)]
+    assert recs[-1]["step"] == 2 * 3 and recs[0]["train_ntp"] is None  # 10 samples: batches of 4, 4, 2
+
+    t = get_tokenizer(tok)
+    layout = VocabLayout(n_codes=t.n_codes)
+    val = scan_dataset(data).splits["val"]
+    codes = t.encode(np.stack([read_image(s.path, t.resolution) for s in val]))
+    seqs = torch.from_numpy(np.stack([layout.sequence(c[None], "image") for c in codes]).astype(np.int64))
+    labels = torch.tensor([s.label for s in val])
+    model, *_ = load_model(run)
+    probe = Probe(32, 2, "attentive", 2).eval()
+    probe.load_state_dict(load_file(str(tmp_path / "out" / "trained" / "epoch_0002" / "probe.safetensors")))
+    with torch.no_grad():
+        feats = model.hidden_states(seqs[:, :-1], [1])[1][:, 1:].half()
+        logits = probe(feats.float())
+    top1 = float((logits.argmax(1) == labels).float().mean())
+    torch.testing.assert_close(done["trained"].stats.val_logits["probe"], logits, rtol=1e-5, atol=1e-6)
+    trained = [r for r in recs if r["model"] == "trained"]
+    assert trained[-1]["val"]["probe"]["top1"] == pytest.approx(top1)
+    assert done["trained"].stats.val["probe"]["top1"] == pytest.approx(top1)

@@ -1,5 +1,7 @@
-"""Fine-tuning a pre-trained model with an attentive probe: the paper's ImageNet recipe,
-cross-entropy on the probe plus the next-token loss of the whole model.
+"""Fine-tuning a pre-trained model with an attentive probe: the paper's ImageNet recipe
+(arXiv 2501.05453, Sec. 4), cross-entropy on the probe plus the next-token loss of the whole
+model; the framework's fine-tuned mode (toto.tasks.base) on the classification task
+(toto.tasks.classify).
 
     batch: (B, L) ids  [start] + codes + [end]        (L = 2 + frames x h x w)
       -> inputs (B, L-1), next-token targets (B, L-1)  (toto.train.trainer.shift_targets)
@@ -12,14 +14,15 @@ Why the NTP term: it keeps the trunk close to what pre-training learned while th
 gradient reshapes it for the labels; ``ntp_weight=0`` is plain fine-tuning of the trunk (then
 blocks above ``layer`` and the output head get no gradient and are not even run).
 
-The probe is ``toto.eval.probe.Probe`` with attentive pooling, fed the same features
+The probe is ``toto.tasks.heads.Probe`` with attentive pooling, fed the same features
 ``toto probe`` extracts (layer ``l`` = output of block ``l``, no final norm, code positions).
 Token sequences are encoded once per split and cached (``tokenize_splits``); training is
 AdamW (trunk and probe with their own learning rates, decay on matrices only), linear warm-up
-+ cosine per step, gradient clipping, bf16 autocast on GPU. A checkpoint after every epoch holds
-the trunk (a normal toto checkpoint: ``toto probe``/``forecast`` load it), the probe, the
-optimizer and the epoch; batch order is a pure function of (seed, epoch) and nothing else draws
-random numbers after initialisation, so ``resume`` reproduces an uninterrupted run.
++ cosine per step, gradient clipping, bf16 autocast on GPU, under torchrun on any number of
+ranks. A checkpoint after every epoch holds the trunk (a normal toto checkpoint: ``toto
+probe``/``forecast`` load it), the probe, the optimizer and the epoch; batch order is a pure
+function of (seed, epoch) and nothing else draws random numbers after initialisation, so
+``resume`` reproduces an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl
-from .features import SequenceSpec, SplitTokens, file_identity, tokenize_splits
-from .probe import Probe, ProbeConfig
+from .features import SplitTokens
+from .probe import ProbeConfig
 
 @dataclass
 class FinetuneConfig:
@@ -121,70 +124,52 @@ class FinetuneJob:
     progress: bool = True
 
     def run(self) -> dict:
-        from ..tasks.base import Loop, RunState, Split, TaskModel, fit, rank0_first
-        from ..tokenizers.base import get_tokenizer
-        from ..train.checkpoint import load_model, resolve_checkpoint
-        from ..train.distributed import init_distributed
-        from .features import check_compatible, scan_dataset
+        from ..tasks.base import Loop, TaskRun, world
+        from ..tasks.classify import ClassifyTask
 
         cfg = (self.cfg or FinetuneConfig()).validate()
         if self.until is not None and self.until < 1:
             raise ConfigError(f"finetune: --until must be >= 1, got {self.until}")
         self.out = Path(self.out)
-        info, device = init_distributed(self.device)
-        tok = get_tokenizer(self.tokenizer, device=str(device))
-        ds = scan_dataset(self.data, self.max_per_class)
+        task = ClassifyTask(self.data, {}, frames=self.frames, stride=self.stride, clip=self.clip,
+                            max_per_class=self.max_per_class, n_heads=cfg.heads, norm=cfg.norm, seed=cfg.seed)
+        ds = task.ds
         if len(ds.classes) < 2:
             raise DataError(f"{self.data}: fine-tuning a classifier needs at least 2 classes, found "
                             f"{len(ds.classes)} ({ds.classes})")
-        spec = SequenceSpec(ds.kind, self.frames, self.stride, self.clip)
-        src = resolve_checkpoint(self.checkpoint)
-        model, mcfg, src_state = load_model(src, device)
-        layout = check_compatible(mcfg.model, src_state, tok, spec, str(src))
-        n_layers = mcfg.model.n_layers
+        run = TaskRun(self.checkpoint, self.tokenizer, self.out,
+                      Loop(cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.min_lr_ratio, cfg.grad_clip, cfg.seed,
+                           until=self.until),
+                      finetune=True, lr=cfg.lr, head_lr=cfg.probe_lr, weight_decay=cfg.weight_decay,
+                      ntp_weight=cfg.ntp_weight, device=self.device, dtype=cfg.dtype, cache=self.cache,
+                      resume=self.resume, keep=self.keep, progress=self.progress)
+        bb = run.load(task.spec)
+        n_layers = bb.cfg.model.n_layers
         layer = n_layers // 2 if cfg.layer is None else cfg.layer
         if not 0 <= layer <= n_layers:
             raise ConfigError(f"--layer {layer} out of range: this model has layers 0..{n_layers}")
         cfg = replace(cfg, layer=layer)
-        self.out.mkdir(parents=True, exist_ok=True)
+        task.probes = {"probe": (layer, "attentive")}
 
-        tok_id = {**tok.identity(), "file": file_identity(self.tokenizer)}
-        data, cache = rank0_first(lambda: tokenize_splits(
-            ds, tok, layout, spec, {"tokenizer": tok_id}, Path(self.cache) if self.cache else self.out / "tokens",
-            progress=self.progress and info.is_main))
-        n_train, n_val = len(data["train"].labels), len(data["val"].labels)
-        skipped = {s: data[s].skipped for s in data}
-        if any(skipped.values()) and info.is_main:
+        splits = run.read(task, bb)
+        main = world()[0] == 0
+        n_train, n_val = len(splits["train"]), len(splits["val"])
+        skipped = {s: t.skipped for s, t in task.tokens.items()}
+        if any(skipped.values()) and main:
             first = (skipped["train"] + skipped["val"])[0]
             print(f"skipped {sum(map(len, skipped.values()))} unreadable file(s), e.g. {first['reason']}")
         if n_train < 2 or n_val < 1:
             raise DataError(f"{self.data}: {n_train} readable train and {n_val} val sample(s); fine-tuning "
                             f"needs at least 2 train and 1 val")
-
-        # what a resumed run must match (everything that changes the result)
-        run_id = {"checkpoint": str(src), "checkpoint_step": src_state.get("step"), "tokenizer": tok_id,
-                  "data": str(Path(self.data).resolve()), "classes": ds.classes, "sequence": spec.to_dict(),
-                  "max_per_class": self.max_per_class, "finetune": cfg.to_dict()}
-        torch.manual_seed(cfg.seed)
-        probe = Probe(mcfg.model.dim, len(ds.classes), "attentive", cfg.heads or mcfg.model.n_heads,
-                      cfg.norm).to(device)
-        task = TaskModel({"probe": (layer, probe)}, model, train_trunk=cfg.lr > 0, ntp_weight=cfg.ntp_weight,
-                         pad=layout.pad, dtype=cfg.dtype)
-        opt = self._optimizer(model, probe, cfg, device)
-        fields = {"vocab": layout.to_dict(), "init_from": str(src),  # as the trainer records the source
-                  **{k: src_state[k] for k in ("grid", "frames_per_sequence", "tokenizer") if k in src_state}}
-        state = RunState(self.out, run_id, resume=self.resume, what="a fine-tuning run",
-                         metrics=self.out / "metrics.jsonl", trunk=(mcfg, fields), keep=self.keep)
-
-        report = {"checkpoint": str(src), "step": src_state.get("step"), "tokenizer": str(self.tokenizer),
+        report = {"checkpoint": str(bb.path), "step": bb.state.get("step"), "tokenizer": str(self.tokenizer),
                   "data": str(self.data), "kind": ds.kind, "classes": ds.classes, "n_classes": len(ds.classes),
                   "chance": 1 / len(ds.classes), "layer": layer, "n_layers": n_layers,
-                  "finetune": cfg.to_dict(), "sequence": spec.to_dict(), "grid": list(tok.grid),
-                  "n_train": n_train, "n_val": n_val, "token_cache": str(cache),
+                  "finetune": cfg.to_dict(), "sequence": task.spec.to_dict(), "grid": list(bb.tokenizer.grid),
+                  "n_train": n_train, "n_val": n_val, "token_cache": str(task.cache),
                   "skipped": {s: [x["path"] for x in v] for s, v in skipped.items()},
                   "skipped_class_folders": ds.skipped_classes}
 
-        def on_epoch(s):
+        def on_epoch(name, s):
             val = {**s.val["probe"], "ntp": s.val_ntp}
             ntp = s.train_ntp if cfg.ntp_weight > 0 else None
             record = {"epoch": s.epoch, "step": s.step, "lr": s.lr_factor * cfg.lr,
@@ -197,25 +182,11 @@ class FinetuneJob:
             if self.progress:
                 tqdm.write(f"epoch {s.epoch}: train loss {record['train_loss']:.4f}  val top-1 "
                            f"{100 * val['top1']:.1f}%  val CE {val['ce']:.4f}  val NTP {val['ntp']:.4f}")
-            save_predictions(self.out / "val_predictions.npz", s.val_logits["probe"], data["val"], ds, "val")
+            save_predictions(self.out / "val_predictions.npz", s.val_logits["probe"], task.tokens["val"], ds, "val")
             self._write_results(report)
 
-        loop = Loop(cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.min_lr_ratio, cfg.grad_clip, cfg.seed,
-                    until=self.until)
-        fit(task, opt, Split(data["train"].labels, data["train"].tokens), Split(data["val"].labels, data["val"].tokens),
-            loop, device=device, state=state, on_epoch=on_epoch, progress=self.progress)
-        return self._write_results(report, plot=True) if info.is_main else report
-
-    # -- pieces ------------------------------------------------------------------------------
-    @staticmethod
-    def _optimizer(model, probe, cfg: FinetuneConfig, device) -> torch.optim.AdamW:
-        """Trunk groups at ``lr`` (muP's per-group scale kept), probe groups at ``probe_lr``."""
-        from ..train.trainer import param_groups
-
-        groups = [{**g, "base_lr": cfg.lr} for g in param_groups(model, cfg.weight_decay, model.width_mult)]
-        groups += [{**g, "base_lr": cfg.probe_lr} for g in param_groups(probe, cfg.weight_decay)]
-        kw = {"fused": True} if device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=cfg.probe_lr, **kw)
+        run.train(task, bb, splits, {"finetune": cfg.to_dict()}, state_dir=lambda name: self.out, on_epoch=on_epoch)
+        return self._write_results(report, plot=True) if main else report
 
     def _write_results(self, report: dict, plot: bool = False) -> dict:
         from ..train.checkpoint import latest_checkpoint

@@ -1,18 +1,5 @@
-"""Probing frozen features: attentive pooling (the paper's probe) and average pooling.
-
-Both heads see one layer's token features ``(B, T, D)`` and share everything after pooling:
-
-    tokens -> LayerNorm (no affine, per token) -> pool -> BatchNorm (no affine) -> Linear
-
-- The per-token LayerNorm evens out the residual stream's scale, which grows with depth and
-  differs by orders of magnitude between layers; without it one learning rate cannot suit
-  every layer.
-- The pooled vector is normalised by BatchNorm without affine parameters (as in MAE's linear
-  probe): the classifier sees standardised features whatever the layer. ``norm="layernorm"``
-  swaps in a LayerNorm without affine parameters.
-- Attentive pooling: one learned query token cross-attends to the tokens with learned key and
-  value projections, multi-head, ``softmax(q k^T / sqrt(d_head)) v`` per head, heads
-  concatenated. Average pooling: the mean over tokens.
+"""Probing: one attentive (the paper's probe) and one average-pooling head (toto.tasks.heads) on
+every layer of a frozen model, against the random-init baseline.
 
 Probes train on the downstream-task framework (toto.tasks.base): AdamW with a linear warm-up
 and cosine decay per optimizer step, given the same seed, features and settings deterministic,
@@ -32,22 +19,18 @@ global batch). Two ways to feed them:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file
-from ..tasks.base import GlobalBatchNorm1d, topk_accuracy
+from ..tasks.base import topk_accuracy
+from ..tasks.heads import POOLINGS, probe_heads
 
-POOLINGS = ("attentive", "average")
 ONLINE_STATE = "online_state"  # --online: OUT/online_state/<model>/epoch_<e>/
 
 
@@ -80,58 +63,11 @@ class ProbeConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def loop(self):
+        """The framework's loop settings (toto.tasks.base.Loop)."""
+        from ..tasks.base import Loop
 
-class AttentivePool(nn.Module):
-    """``x: (B, T, D)`` -> ``(B, D)``: a learned query attends over the tokens, per head."""
-
-    def __init__(self, dim: int, n_heads: int):
-        super().__init__()
-        if dim % n_heads:
-            raise ConfigError(f"attentive probe: feature width {dim} is not divisible by {n_heads} heads")
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.query = nn.Parameter(torch.randn(dim) * 0.02)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        H, Dh = self.n_heads, self.head_dim
-        k = self.k(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
-        v = self.v(x).view(B, T, H, Dh).transpose(1, 2)
-        q = self.query.view(1, H, 1, Dh).expand(B, H, 1, Dh)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, H, 1, Dh)
-        return y.reshape(B, D)
-
-    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, T)``: where each head looks (for inspection and plots)."""
-        B, T, D = x.shape
-        k = self.k(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        q = self.query.view(1, self.n_heads, 1, self.head_dim)
-        return torch.softmax((q * k).sum(-1) / math.sqrt(self.head_dim), dim=-1)
-
-
-class AveragePool(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=1)
-
-
-class Probe(nn.Module):
-    """Token features ``(B, T, D)`` -> class logits ``(B, n_classes)``."""
-
-    def __init__(self, dim: int, n_classes: int, pooling: str, heads: int, norm: str = "batchnorm"):
-        super().__init__()
-        if pooling not in POOLINGS:
-            raise ConfigError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        self.token_norm = nn.LayerNorm(dim, elementwise_affine=False)
-        self.pool = AttentivePool(dim, heads) if pooling == "attentive" else AveragePool()
-        self.norm = (GlobalBatchNorm1d(dim, affine=False) if norm == "batchnorm"
-                     else nn.LayerNorm(dim, elementwise_affine=False))
-        self.head = nn.Linear(dim, n_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.01)  # small start, as MAE's probe head
-        nn.init.zeros_(self.head.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(self.pool(self.token_norm(x.float()))))
+        return Loop(self.epochs, self.batch_size, self.warmup_epochs, self.min_lr_ratio, seed=self.seed)
 
 
 @dataclass
@@ -149,64 +85,45 @@ def probe_key(layer: int, pooling: str) -> str:
     return f"layer{layer}_{pooling}"
 
 
-def make_probes(dim: int, n_classes: int, layers: list[int], poolings: list[str], cfg: ProbeConfig,
-                default_heads: int, device) -> tuple[dict, torch.optim.AdamW]:
-    """One probe per layer and pooling, each drawn right after seeding with ``cfg.seed`` (every
-    probe starts the same whatever ran before it, cached or online), and one AdamW over all of
-    them (decay on matrices only; AdamW updates each parameter on its own, so this is the same as
-    one optimizer per probe)."""
-    heads = {}
-    for layer in layers:
-        for pooling in poolings:
-            torch.manual_seed(cfg.seed)
-            heads[probe_key(layer, pooling)] = (layer, Probe(dim, n_classes, pooling, cfg.heads or default_heads,
-                                                             cfg.norm).to(device))
-    params = [p for _, h in heads.values() for p in h.parameters()]
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay,
-                              "base_lr": cfg.lr},
-                             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "base_lr": cfg.lr}],
-                            lr=cfg.lr)
-    return heads, opt
+def score_probes(model, val_logits: dict | None, last_loss: dict, train, val, batch_size: int,
+                 device) -> dict[str, ProbeResult]:
+    """Every probe of a trained ``model`` (a TaskModel): val after the last epoch (``fit``'s
+    logits, or a new pass for a run that had finished before: None), train top-1 by one pass over
+    the train split, the last step's loss."""
+    from ..tasks.base import Task, predict
 
-
-def fit_probes(model, opt, train, val, cfg: ProbeConfig, device, **kw) -> dict[str, ProbeResult]:
-    """Train every probe of ``model`` (a TaskModel) with the framework's loop, then score each:
-    val after the last epoch, train top-1 by one pass over the train split."""
-    from ..tasks.base import Loop, Task, fit, predict
-
-    loop = Loop(cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.min_lr_ratio, seed=cfg.seed)
-    stats = fit(model, opt, train, val, loop, device=device, **kw)
-    bs = loop.steps(len(train))[0]
-    if stats is None:  # a finished run resumed: score what it saved
-        val_logits, last = predict(model, val, bs, device)[0], kw["state"].last_loss
-    else:
-        val_logits, last = stats.val_logits, stats.last_loss
-    train_logits, _ = predict(model, train, bs, device, progress=kw.get("progress", False), desc="train top-1")
+    if val_logits is None:
+        val_logits = predict(model, val, batch_size, device)[0]
+    train_logits, _ = predict(model, train, batch_size, device)
     y = torch.as_tensor(train.targets)
     out = {}
     for key in model.heads:
         v = Task().metrics(val_logits[key], val.targets)
         out[key] = ProbeResult(top1=v["top1"], top5=v["top5"], train_top1=topk_accuracy(train_logits[key], y, 1),
-                               final_loss=float(last[key]))
+                               final_loss=float(last_loss[key]))
     return out
 
 
 def train_probe(train_x: torch.Tensor, train_y, val_x: torch.Tensor, val_y, n_classes: int, pooling: str,
                 cfg: ProbeConfig, default_heads: int, device: str | torch.device = "cpu"):
-    """Fit one probe on features ``train_x: (N, T, D)`` (any float dtype, kept on the CPU) and
-    score it on the validation split -> (ProbeResult, the TaskModel holding it). Deterministic
-    for a given ``cfg.seed``."""
-    from ..tasks.base import Split, TaskModel
+    """Fit one probe on features ``train_x: (N, T, D)`` of one layer (any float dtype, kept on
+    the CPU) and score it on the validation split -> (ProbeResult, the TaskModel holding it).
+    Deterministic for a given ``cfg.seed``."""
+    from ..tasks.base import Split, TaskModel, fit, make_optimizer
 
     cfg.validate()
     device = torch.device(device)
     if len(train_x) == 0 or len(val_x) == 0:
         raise ConfigError("probe: the train and val splits both need at least one sample")
-    heads, opt = make_probes(train_x.shape[-1], n_classes, [0], [pooling], cfg, default_heads, device)
-    model = TaskModel(heads)
-    r = fit_probes(model, opt, Split(np.asarray(train_y), features={0: train_x}),
-                   Split(np.asarray(val_y), features={0: val_x}), cfg, device, progress=False)
-    return r[probe_key(0, pooling)], model
+    key = probe_key(0, pooling)
+    model = TaskModel(probe_heads(train_x.shape[-1], n_classes, {key: (0, pooling)}, cfg.heads or default_heads,
+                                  cfg.norm, cfg.seed)).to(device)
+    train = Split(np.asarray(train_y), features={0: train_x})
+    val = Split(np.asarray(val_y), features={0: val_x})
+    stats = fit(model, make_optimizer(model, 0.0, cfg.lr, cfg.weight_decay, device), train, val, cfg.loop(),
+                device=device, progress=False)
+    bs = cfg.loop().steps(len(train))[0]
+    return score_probes(model, stats.val_logits, stats.last_loss, train, val, bs, device)[key], model
 
 
 def best_layer(results: dict[int, dict[str, dict]], pooling: str) -> tuple[int, float]:
@@ -291,124 +208,112 @@ class ProbeJob:
 
     def run(self) -> dict:
         from ..ioutil import atomic_write_json
-        from ..model.llama import Toto
-        from ..tasks.base import Split, TaskModel, rank0_first
-        from ..tokenizers.base import get_tokenizer
-        from ..train.checkpoint import load_model, resolve_checkpoint
-        from ..train.distributed import init_distributed
-        from .features import (FeatureExtractor, SequenceSpec, check_compatible, file_identity,
-                               scan_dataset)
+        from ..tasks.base import TaskRun, world
+        from ..tasks.classify import ClassifyTask
 
         self.out = Path(self.out)
         poolings = self.poolings or list(POOLINGS)
-        probe_cfg = (self.probe or ProbeConfig()).validate()
+        cfg = (self.probe or ProbeConfig()).validate()
         if self.resume and not self.online:
             raise ConfigError("--resume continues an --online run; the cached mode resumes from its feature "
                               "cache by itself")
-        info, device = init_distributed(self.device)
-        tok = get_tokenizer(self.tokenizer, device=str(device))
-        ds = scan_dataset(self.data, self.max_per_class)
-        spec = SequenceSpec(ds.kind, self.frames, self.stride, self.clip)
-        ckpt_dir = resolve_checkpoint(self.checkpoint)
-        model, cfg, state = load_model(ckpt_dir, device)
-        layout = check_compatible(cfg.model, state, tok, spec, str(ckpt_dir))
-        n_layers = cfg.model.n_layers
+        task = ClassifyTask(self.data, {}, frames=self.frames, stride=self.stride, clip=self.clip,
+                            max_per_class=self.max_per_class, n_heads=cfg.heads, norm=cfg.norm, seed=cfg.seed,
+                            batch_size=self.batch_size)
+        run = TaskRun(self.checkpoint, self.tokenizer, self.out, cfg.loop(), head_lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, random_init=self.random_init, device=self.device,
+                      cache=self.cache, resume=self.resume, progress=self.progress)
+        bb = run.load(task.spec)
+        n_layers = bb.cfg.model.n_layers
         layers = sorted(set(self.layers)) if self.layers else list(range(n_layers + 1))
         bad = [l for l in layers if not 0 <= l <= n_layers]
         if bad:
             raise ConfigError(f"--layers {bad} out of range: this model has layers 0..{n_layers}")
-        self.out.mkdir(parents=True, exist_ok=True)
-        cache_root = Path(self.cache) if self.cache else self.out / "features"
-        tok_id = {**tok.identity(), "file": file_identity(self.tokenizer)}
-
-        models = {"trained": (model, {"checkpoint": file_identity(ckpt_dir / "model.safetensors"),
-                                      "step": state.get("step")})}
-        if self.random_init:
-            torch.manual_seed(cfg.train.seed)  # the Trainer's rule: the run's step-0 weights
-            rnd = Toto(cfg.model).to(device).eval()
-            models["random_init"] = (rnd, {"random_init": cfg.model.__dict__, "seed": cfg.train.seed})
-
+        task.probes = {probe_key(l, p): (l, p) for l in layers for p in poolings}
+        ds = task.ds
         report = {
-            "checkpoint": str(ckpt_dir), "step": state.get("step"), "tokenizer": str(self.tokenizer),
+            "checkpoint": str(bb.path), "step": bb.state.get("step"), "tokenizer": str(self.tokenizer),
             "data": str(self.data), "kind": ds.kind, "classes": ds.classes, "n_classes": len(ds.classes),
-            "layers": layers, "poolings": poolings, "probe": probe_cfg.to_dict(),
-            "sequence": spec.to_dict(), "grid": list(tok.grid),
+            "layers": layers, "poolings": poolings, "probe": cfg.to_dict(),
+            "sequence": task.spec.to_dict(), "grid": list(bb.tokenizer.grid),
             "skipped_class_folders": ds.skipped_classes,
-            "title": f"{Path(str(ckpt_dir)).parent.parent.name or ckpt_dir.name} step {state.get('step')}",
+            "title": f"{bb.path.parent.parent.name or bb.path.name} step {bb.state.get('step')}",
             "models": {},
         }
         if self.online:
-            self._run_online(report, models, ds=ds, tokenizer=tok, tok_id=tok_id, layout=layout, spec=spec,
-                             layers=layers, poolings=poolings, cfg=probe_cfg, default_heads=cfg.model.n_heads,
-                             device=device)
+            self._run_online(run, task, bb, report, layers, poolings, cfg)
         else:
-            for name, (m, ident) in models.items():
-                extractor = FeatureExtractor(m, layout, tok, spec, layers,
-                                             {"model": ident, "tokenizer": tok_id}, device,
-                                             batch_size=self.batch_size, progress=self.progress and info.is_main)
-                feats, manifest = rank0_first(lambda: extractor.run(ds, cache_root))
-                skipped = {s: manifest["splits"][s]["skipped"] for s in feats}
-                res = self.model_entry(name, skipped, ds.classes, feats["train"].labels, len(feats["val"].labels),
-                                       features=str(feats["train"].cache))
-                report["models"][name] = res
-                bar = tqdm(total=len(layers) * len(poolings), desc=f"probes ({name})", unit="probe",
-                           disable=not (self.progress and info.is_main), dynamic_ncols=True)
-                for layer in layers:  # one layer's features in memory at a time
-                    heads, opt = make_probes(cfg.model.dim, len(ds.classes), [layer], poolings, probe_cfg,
-                                             cfg.model.n_heads, device)
-                    split = {s: Split(np.asarray(feats[s].labels), features={layer: feats[s].layer(layer)})
-                             for s in feats}
-                    got = fit_probes(TaskModel(heads), opt, split["train"], split["val"], probe_cfg, device,
-                                     progress=False)
-                    res["layers"][str(layer)] = {p: got[probe_key(layer, p)].to_dict() for p in poolings}
-                    bar.update(len(poolings))
-                    if info.is_main:
-                        atomic_write_json(self.out / "results.json", report)  # partial results survive a kill
-                bar.close()
-                set_best(res, poolings)
+            self._run_cached(run, task, bb, report, layers, poolings, cfg)
         report["best_layer"] = report["models"]["trained"]["best"]["layer"]
-        if info.is_main:
+        if world()[0] == 0:
             atomic_write_json(self.out / "results.json", report)
             plot_accuracy(report, self.out / "probe.png")
         return report
 
-    def _run_online(self, report: dict, models: dict, *, ds, tokenizer, tok_id: dict, layout, spec,
-                    layers: list[int], poolings: list[str], cfg: ProbeConfig, default_heads: int, device) -> None:
-        """Fill ``report["models"]`` as the cached path does, from live forwards over cached
-        tokens; each model (trained, then random init) is one framework run."""
+    def _run_cached(self, run, task, bb, report: dict, layers: list[int], poolings: list[str],
+                    cfg: ProbeConfig) -> None:
+        """Each layer's features extracted once into the feature cache, then that layer's probes
+        trained on them, one layer in memory at a time."""
+        from ..ioutil import atomic_write_json
+        from ..tasks.base import Split, TaskModel, fit, make_optimizer, rank0_first, world
+        from .features import FeatureExtractor
+
+        device, main = run.torch_device, world()[0] == 0
+        cache_root = Path(self.cache) if self.cache else self.out / "features"
+        for name, (m, ident) in bb.models(self.random_init).items():
+            extractor = FeatureExtractor(m, bb.layout, bb.tokenizer, task.spec, layers,
+                                         {"model": ident, "tokenizer": bb.tok_id}, device,
+                                         batch_size=self.batch_size, progress=self.progress and main)
+            feats, manifest = rank0_first(lambda: extractor.run(task.ds, cache_root))
+            skipped = {s: manifest["splits"][s]["skipped"] for s in feats}
+            res = self.model_entry(name, skipped, task.ds.classes, feats["train"].labels, len(feats["val"].labels),
+                                   features=str(feats["train"].cache))
+            report["models"][name] = res
+            bar = tqdm(total=len(layers) * len(poolings), desc=f"probes ({name})", unit="probe",
+                       disable=not (self.progress and main), dynamic_ncols=True)
+            for layer in layers:
+                task.probes = {probe_key(layer, p): (layer, p) for p in poolings}
+                model = TaskModel(task.heads(m.cfg.dim, m.cfg.n_heads)).to(device)
+                split = {s: Split(np.asarray(feats[s].labels), features={layer: feats[s].layer(layer)}) for s in feats}
+                opt = make_optimizer(model, 0.0, cfg.lr, cfg.weight_decay, device)
+                stats = fit(model, opt, split["train"], split["val"], run.loop, device=device, progress=False)
+                got = score_probes(model, stats.val_logits, stats.last_loss, split["train"], split["val"],
+                                   run.loop.steps(len(split["train"]))[0], device)
+                res["layers"][str(layer)] = {p: got[probe_key(layer, p)].to_dict() for p in poolings}
+                bar.update(len(poolings))
+                if main:
+                    atomic_write_json(self.out / "results.json", report)  # partial results survive a kill
+            bar.close()
+            set_best(res, poolings)
+
+    def _run_online(self, run, task, bb, report: dict, layers: list[int], poolings: list[str],
+                    cfg: ProbeConfig) -> None:
+        """All probes of a model trained together from live forwards over the token cache (the
+        framework's frozen mode); each model (trained, then random init) is one run."""
         from ..ioutil import append_jsonl
-        from ..tasks.base import RunState, Split, TaskModel, rank0_first, world
-        from .features import tokenize_splits
 
-        main = world()[0] == 0
-        # the same identity as toto finetune's: one --cache folder serves both commands
-        data, cache = rank0_first(lambda: tokenize_splits(
-            ds, tokenizer, layout, spec, {"tokenizer": tok_id}, Path(self.cache) if self.cache else self.out / "tokens",
-            batch_size=self.batch_size, progress=self.progress and main))
-        train, val = (Split(data[s].labels, data[s].tokens) for s in ("train", "val"))
-        skipped = {s: data[s].skipped for s in data}
-        report.update(mode="online", token_cache=str(cache))
-        for name in models:
-            report["models"][name] = self.model_entry(name, skipped, ds.classes, data["train"].labels, len(val),
-                                                      features=None)
+        splits = run.read(task, bb)
+        report.update(mode="online", token_cache=str(task.cache))
+        skipped = {s: t.skipped for s, t in task.tokens.items()}
+        for name in ["trained"] + ["random_init"] * self.random_init:
+            report["models"][name] = self.model_entry(name, skipped, task.ds.classes, splits["train"].targets,
+                                                      len(splits["val"]), features=None)
         metrics = self.out / "metrics.jsonl"
-        for name, (model, ident) in models.items():
-            heads, opt = make_probes(model.cfg.dim, len(ds.classes), layers, poolings, cfg, default_heads, device)
-            run_id = {"model": ident, "token_cache": cache.name, "layers": layers, "poolings": poolings,
-                      "probe": cfg.to_dict(), "n_train": len(train), "n_val": len(val)}
-            state = RunState(self.out / ONLINE_STATE / name, run_id, resume=self.resume, what="an online probe run",
-                             metrics=metrics, filter=lambda r, name=name: r.get("model") == name)
 
-            def on_epoch(s, name=name):
-                append_jsonl(metrics, {"model": name, "epoch": s.epoch, "step": s.step, "lr": s.lr_factor * cfg.lr,
-                                       "time_s": s.time_s, "train_loss": s.train_loss,
-                                       "val_top1": {k: v["top1"] for k, v in s.val.items()}})
-                if self.progress:
-                    top1, key = max((v["top1"], k) for k, v in s.val.items())
-                    tqdm.write(f"{name} epoch {s.epoch}/{cfg.epochs}: best val top-1 {100 * top1:.1f}% ({key})")
+        def on_epoch(name, s):
+            append_jsonl(metrics, {"model": name, "epoch": s.epoch, "step": s.step, "lr": s.lr_factor * cfg.lr,
+                                   "time_s": s.time_s, "train_loss": s.train_loss,
+                                   "val_top1": {k: v["top1"] for k, v in s.val.items()}})
+            if self.progress:
+                top1, key = max((v["top1"], k) for k, v in s.val.items())
+                tqdm.write(f"{name} epoch {s.epoch}/{cfg.epochs}: best val top-1 {100 * top1:.1f}% ({key})")
 
-            got = fit_probes(TaskModel(heads, model, pad=layout.pad), opt, train, val, cfg, device, state=state,
-                             on_epoch=on_epoch, progress=self.progress, desc=f"{name} ")
+        done = run.train(task, bb, splits, {"probe": cfg.to_dict(), "layers": layers, "poolings": poolings},
+                         state_dir=lambda name: self.out / ONLINE_STATE / name, on_epoch=on_epoch)
+        bs = run.loop.steps(len(splits["train"]))[0]
+        for name, f in done.items():
+            got = score_probes(f.model, f.stats and f.stats.val_logits, f.last_loss, splits["train"], splits["val"],
+                               bs, run.torch_device)
             res = report["models"][name]
             for layer in layers:
                 res["layers"][str(layer)] = {p: got[probe_key(layer, p)].to_dict() for p in poolings}

@@ -184,8 +184,23 @@ class TaskModel(nn.Module):
 
 
 class Task:
-    """A classification task's loss, train accuracy and metric; a task that is not
-    classification overrides these methods."""
+    """What a downstream task supplies: ``spec`` (how a sample becomes a token sequence,
+    toto.eval.features.SequenceSpec), ``identity()`` (what a resume must match), ``read()`` (its
+    data -> splits), ``heads()``; and, if it is not classification, ``loss``, ``correct`` and
+    ``metrics`` (the defaults below are classification's). See docs/framework.md."""
+
+    spec = None
+
+    def identity(self) -> dict:
+        raise NotImplementedError
+
+    def read(self, tokenizer, layout, identity: dict, cache: Path, progress: bool) -> dict[str, Split]:
+        """``{"train": Split, "val": Split}``; ``identity`` (the tokenizer's) keys a token cache."""
+        raise NotImplementedError
+
+    def heads(self, dim: int, n_heads: int) -> dict[str, tuple[int, nn.Module]]:
+        """name -> (layer read, module ``(B, T, D) -> (B, C)``), freshly drawn (seeded)."""
+        raise NotImplementedError
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``(B,)`` per-sample loss (the loop averages over the global batch)."""
@@ -541,3 +556,157 @@ def rank0_first(fn: Callable):
     if dist.is_initialized():
         dist.barrier()
     return fn() if rank != 0 else out
+
+
+# -- a whole task job: load, read, train, score -----------------------------------------------------
+
+
+@dataclass
+class Backbone:
+    """A checkpoint and the tokenizer it was trained with, checked to belong together (tokenizer
+    identity, vocabulary, context length: ``check_compatible``), on the job's device."""
+
+    path: Path
+    model: nn.Module
+    cfg: object  # toto.config.Config
+    state: dict
+    tokenizer: object
+    layout: object  # toto.vocab.VocabLayout
+    tok_id: dict  # the tokenizer's identity and file: part of every cache key and run identity
+
+    @property
+    def identity(self) -> dict:
+        from ..eval.features import file_identity
+
+        return {"checkpoint": file_identity(self.path / "model.safetensors"), "step": self.state.get("step")}
+
+    def models(self, random_init: bool) -> dict[str, tuple[nn.Module, dict]]:
+        """``{"trained": (model, identity)}`` and, with ``random_init``, the baseline: the same
+        architecture drawn as the Trainer draws a run's step-0 weights (its seed)."""
+        out = {"trained": (self.model, self.identity)}
+        if random_init:
+            from ..model.llama import Toto
+
+            torch.manual_seed(self.cfg.train.seed)
+            out["random_init"] = (Toto(self.cfg.model).to(self.model.head.weight.device).eval(),
+                                  {"random_init": dict(self.cfg.model.__dict__), "seed": self.cfg.train.seed})
+        return out
+
+
+def load_backbone(checkpoint: str | Path, tokenizer: str | Path, spec, device) -> Backbone:
+    """``spec`` (toto.eval.features.SequenceSpec): the sequences the task will feed, checked
+    against the model's context."""
+    from ..eval.features import check_compatible, file_identity
+    from ..tokenizers.base import get_tokenizer
+    from ..train.checkpoint import load_model, resolve_checkpoint
+
+    tok = get_tokenizer(tokenizer, device=str(device))
+    path = resolve_checkpoint(checkpoint)
+    model, cfg, state = load_model(path, device)
+    layout = check_compatible(cfg.model, state, tok, spec, str(path))
+    return Backbone(path, model, cfg, state, tok, layout, {**tok.identity(), "file": file_identity(tokenizer)})
+
+
+def make_optimizer(model: TaskModel, lr: float, head_lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    """AdamW over what trains: trunk groups at ``lr`` (muP's per-group scale kept), head groups at
+    ``head_lr``; decay on matrices only."""
+    from ..train.trainer import param_groups
+
+    groups = []
+    if model.trunk is not None and model.train_trunk:
+        width = getattr(model.trunk, "width_mult", 1.0)
+        groups += [{**g, "base_lr": lr} for g in param_groups(model.trunk, weight_decay, width)]
+    groups += [{**g, "base_lr": head_lr} for g in param_groups(model.heads, weight_decay)]
+    kw = {"fused": True} if torch.device(device).type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=head_lr, **kw)
+
+
+@dataclass
+class Finished:
+    model: TaskModel
+    stats: EpochStats | None  # the last epoch trained now (None: the run had finished before)
+    state: RunState
+
+    @property
+    def last_loss(self) -> dict[str, float]:
+        """Per head, the loss of the run's last step."""
+        return self.stats.last_loss if self.stats is not None else self.state.last_loss
+
+
+@dataclass
+class TaskRun:
+    """What every task job shares: which checkpoint and tokenizer, frozen or fine-tuned, the
+    random-init baseline, the loop and the optimizer, where results go. ``run(task)`` is the
+    whole job; commands with more to report call its steps (``load``, ``read``, ``train``)."""
+
+    checkpoint: str
+    tokenizer: str
+    out: Path
+    loop: Loop
+    finetune: bool = False  # train the trunk with the task's loss + ntp_weight x next-token NLL
+    lr: float = 1e-4  # trunk peak lr when fine-tuning; 0 keeps it frozen
+    head_lr: float = 1e-3
+    weight_decay: float = 0.05
+    ntp_weight: float = 1.0
+    random_init: bool = False  # also run the task on the random-init baseline
+    device: str = "auto"
+    dtype: str = "auto"  # auto (bf16 autocast on GPU) | bf16 | fp32
+    cache: str | None = None  # token cache folder; default OUT/tokens
+    resume: bool = False
+    keep: int = 2  # fine-tuned checkpoints kept
+    progress: bool = True
+
+    def run(self, task: Task) -> dict[str, Finished]:
+        bb = self.load(task.spec)
+        return self.train(task, bb, self.read(task, bb))
+
+    def load(self, spec) -> Backbone:
+        from ..train.distributed import init_distributed
+
+        _, self.torch_device = init_distributed(self.device)
+        self.out = Path(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        return load_backbone(self.checkpoint, self.tokenizer, spec, self.torch_device)
+
+    def read(self, task: Task, bb: Backbone) -> dict[str, Split]:
+        """The task's splits, its token cache filled by rank 0 first."""
+        cache = Path(self.cache) if self.cache else self.out / "tokens"
+        return rank0_first(lambda: task.read(bb.tokenizer, bb.layout, {"tokenizer": bb.tok_id}, cache,
+                                             self.progress and world()[0] == 0))
+
+    def train(self, task: Task, bb: Backbone, splits: dict[str, Split], settings: dict | None = None,
+              state_dir: Callable[[str], Path] | None = None, on_epoch: Callable | None = None) -> dict[str, Finished]:
+        """Each model (trained, then random init) with fresh heads: fit, per-epoch state under
+        ``state_dir(name)`` (default OUT/<name>; a fine-tuned trunk is a checkpoint there),
+        ``on_epoch(name, stats)`` on rank 0 (default: one generic metrics.jsonl record).
+        ``settings``: what else a resume must match (the command's options)."""
+        metrics = self.out / "metrics.jsonl"
+        fields = {"vocab": bb.layout.to_dict(), "init_from": str(bb.path),  # as the trainer records a source
+                  **{k: bb.state[k] for k in ("grid", "frames_per_sequence", "tokenizer") if k in bb.state}}
+        done = {}
+        for name, (trunk, ident) in bb.models(self.random_init).items():
+            heads = task.heads(trunk.cfg.dim, trunk.cfg.n_heads)
+            model = TaskModel(heads, trunk, train_trunk=self.finetune and self.lr > 0,
+                              ntp_weight=self.ntp_weight if self.finetune else None, pad=bb.layout.pad,
+                              dtype=self.dtype).to(self.torch_device)
+            opt = make_optimizer(model, self.lr, self.head_lr, self.weight_decay, self.torch_device)
+            run_id = {"model": ident, "tokenizer": bb.tok_id, "task": task.identity(), **(settings or {})}
+            state = RunState(state_dir(name) if state_dir else self.out / name, run_id, resume=self.resume,
+                             what=f"a {'fine-tuning' if self.finetune else 'frozen'} run", metrics=metrics,
+                             trunk=(bb.cfg, fields) if self.finetune else None, keep=self.keep,
+                             filter=lambda r, name=name: r.get("model", name) == name)
+
+            def log(s, name=name):
+                if on_epoch is not None:
+                    return on_epoch(name, s)
+                from ..ioutil import append_jsonl
+
+                append_jsonl(metrics, {"model": name, "epoch": s.epoch, "step": s.step, "time_s": s.time_s,
+                                       "lr": s.lr_factor * self.lr, "head_lr": s.lr_factor * self.head_lr,
+                                       "train_loss": s.train_loss, "train_ntp": s.train_ntp, "val": s.val,
+                                       "val_ntp": s.val_ntp})
+
+            stats = fit(model, opt, splits["train"], splits["val"], self.loop, device=self.torch_device, task=task,
+                        state=state, on_epoch=log, progress=self.progress, desc=f"{name} ")
+            done[name] = Finished(model, stats, state)
+        return done
