@@ -251,8 +251,6 @@ def peak_memory(spec: dict, timeout: float = 600) -> dict:
 
 
 def _memory_worker(spec: dict) -> dict:
-    from toto.train.trainer import autocast_for
-
     device = torch.device(spec["device"])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
@@ -268,7 +266,7 @@ def _memory_worker(spec: dict) -> dict:
     if spec["impl"] != "ours":
         del ours
     step = train_step_fn(model, spec["impl"], device, spec["batch"], cfg.max_seq_len, spec.get("dtype", "fp32"),
-                         spec.get("checkpointing", False), autocast_for)
+                         spec.get("checkpointing", False))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for _ in range(spec.get("steps", 2)):
@@ -280,22 +278,22 @@ def _memory_worker(spec: dict) -> dict:
 
 
 def train_step_fn(model, impl: str, device, batch: int, seq_len: int, dtype: str = "fp32",
-                  checkpointing: bool = False, autocast_for=None):
+                  checkpointing: bool = False):
     """A closure doing one training step (forward, next-token NLL, backward, AdamW) on fixed
     random tokens. Both implementations get the same loss code (ours) on their logits and the
-    same optimizer (the trainer's ``make_optimizer``: decay on matrices only; fused on CUDA)."""
+    same optimizer as pre-training (toto.train.optim: decay on matrices only; fused on CUDA)."""
     import torch.nn.functional as F
 
     from toto.config import Config
-    from toto.train.trainer import autocast_for as _ac, make_optimizer
+    from toto.train.optim import adamw, autocast_for, param_groups
 
-    autocast_for = autocast_for or _ac
     if impl == "ours":
         model.activation_checkpointing = checkpointing
     elif checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    opt = make_optimizer(model, Config(), device)
+    t = Config().train
+    opt = adamw(param_groups(model, t.weight_decay, getattr(model, "width_mult", 1.0)), device, t.lr, (t.beta1, t.beta2))
     g = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size if hasattr(model, "config") else model.cfg.vocab_size
     x = torch.randint(0, vocab, (batch, seq_len), generator=g).to(device)

@@ -16,9 +16,9 @@ from PIL import Image
 from toto.errors import CheckpointError, ConfigError, DataError
 from toto.eval.features import scan_dataset
 from toto.eval.probe import ProbeConfig, best_layer, train_probe
-from toto.tasks.base import lr_of as cosine_lr
 from toto.tasks.base import topk_accuracy
 from toto.tasks.heads import AttentivePool, Probe
+from toto.train.optim import cosine_lr
 
 
 # -- attention pooling -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from toto.cli import main
 from toto.config import build_config
 from toto.errors import TrainingError
 from toto.ioutil import read_jsonl
-from toto.train.trainer import Trainer, lr_at, param_groups, shift_targets
+from toto.train.trainer import Trainer
 
 TINY = ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
         "train.micro_batch_size=4", "train.batch_tokens=144", "train.warmup_steps=5",
@@ -28,35 +28,6 @@ def cfg_for(data, out, steps, *extra):
 
 def losses(run_dir):
     return [r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
-
-
-def test_lr_schedule_hand_values():
-    c = build_config("tiny", None, ["train.lr=1.0", "train.warmup_steps=10", "train.max_steps=110",
-                                     "train.min_lr_ratio=0.1"]).train
-    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
-    assert lr_at(10, c) == pytest.approx(1.0)
-    assert lr_at(60, c) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
-    assert lr_at(110, c) == pytest.approx(0.1) and lr_at(500, c) == pytest.approx(0.1)
-
-
-def test_weight_decay_only_on_matrices():
-    from toto.model.llama import Toto
-
-    m = Toto(build_config("tiny", None, ["model.vocab_size=40", "model.max_seq_len=16"]).model)
-    hidden, matrices, vectors = param_groups(m, 0.1, width_mult=4.0)
-    names = {id(p): n for n, p in m.named_parameters()}
-    assert {names[id(p)].split(".")[-2] for p in hidden["params"]} == {"wqkv", "wo", "w13", "w2"}
-    assert {names[id(p)] for p in matrices["params"]} == {"tok_emb.weight", "head.weight"}
-    assert all(p.dim() == 1 for p in vectors["params"]) and vectors["weight_decay"] == 0.0
-    assert hidden["weight_decay"] == matrices["weight_decay"] == 0.1
-    assert hidden["lr_scale"] == 0.25 and matrices["lr_scale"] == vectors["lr_scale"] == 1.0
-    assert sum(len(g["params"]) for g in (hidden, matrices, vectors)) == len(list(m.parameters()))
-
-
-def test_shift_targets_ignores_pad():
-    b = torch.tensor([[1, 5, 0, 2]])
-    x, y = shift_targets(b, pad_id=0)
-    assert x.tolist() == [[1, 5, 0]] and y.tolist() == [[5, -1, 2]]
 
 
 def test_loss_falls_well_below_uniform(tmp_path):
@@ -145,7 +116,7 @@ def test_resolution_finetune_from_checkpoint(tmp_path, capsys):
                  "model.n_layers=7"]) == 0  # architecture comes from the checkpoint, not the flags
     start = capsys.readouterr().out.splitlines()[0]  # the start line says what runs
     from toto.device import resolve_device
-    from toto.train.trainer import uses_bf16
+    from toto.train.optim import uses_bf16
 
     device = resolve_device("auto")  # train.device defaults to auto: CUDA where there is one
     precision = "bf16 autocast" if uses_bf16(device, "auto") else "fp32"

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from ..data.sta import StaExample, StaSplit
 from ..errors import CheckpointError, ConfigError, DataError
 from ..ioutil import atomic_write_bytes, atomic_write_json
+from ..train.optim import adamw, cosine_lr, shift_targets
 from .roi_align import roi_align
 from .sta_metric import CHALLENGE, VERSION, Objects, box_iou, sta_map
 
@@ -151,8 +152,6 @@ def trunk_grids(model, tokens: torch.Tensor, layers: list[int], frames: int, gri
                 with_ntp: bool, pad: int):
     """One Toto pass over ``tokens: (B, 2 + T*h*w)`` -> 5 grids (B, 3D, h, w) [last frame's tokens,
     mean over frames, last minus first] and, with ``with_ntp``, the next-token loss of the sequence."""
-    from ..train.trainer import shift_targets
-
     inputs, targets = shift_targets(tokens, pad)
     ntp = None
     if with_ntp:
@@ -361,10 +360,11 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
     finetune = cfg.mode == "finetune"
     for p in sta.model.parameters():
         p.requires_grad_(finetune)
-    groups = [{"params": list(sta.head.parameters()), "lr": cfg.lr}]
+    groups = [{"params": list(sta.head.parameters()), "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if finetune:
-        groups.append({"params": [p for p in sta.model.parameters()], "lr": cfg.trunk_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        groups.append({"params": [p for p in sta.model.parameters()], "lr": cfg.trunk_lr,
+                       "weight_decay": cfg.weight_decay})
+    opt = adamw(groups, sta.device, cfg.lr)
     base_lrs = [g["lr"] for g in groups]
     n = len(train.uids)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
@@ -391,9 +391,8 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for b in bar:
             step = epoch * steps_per_epoch + b
-            scale = 0.5 * (1 + math.cos(math.pi * step / total))
             for g, lr in zip(opt.param_groups, base_lrs):
-                g["lr"] = lr * scale
+                g["lr"] = cosine_lr(step, total, 0, lr)
             idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
             logits, ttc, vt, tt, ntp, _ = sta.forward(train, idx, finetune and cfg.ntp_weight > 0, cached)
             loss, ce, reg = loss_of(logits, ttc, vt, tt, ntp, cfg.ntp_weight)

@@ -40,6 +40,7 @@ from ..data.media import media_kind
 from ..data.video import clip_windows, frame_count_hint, iter_video
 from ..errors import CheckpointError, ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_json, read_json, read_lines
+from ..train.optim import autocast_for
 from ..vocab import N_SPECIAL, VocabLayout, token_dtype
 
 SPLITS = ("train", "val")
@@ -383,8 +384,7 @@ class FeatureExtractor:
     def _chunk(self, samples: list[Sample], indices: list[int], state: dict, bar):
         feats: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
         labels, kept = [], []
-        ctx = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-               else torch.autocast("cpu", enabled=False))
+        ctx = autocast_for(self.device)
         for codes, batch_labels, batch_kept in iter_codes(samples, indices, self.tokenizer, self.spec,
                                                           self.batch_size, state["skipped"], bar):
             seqs = [to_sequence(c, self.layout, self.spec.kind) for c in codes]

@@ -4,7 +4,7 @@ model; the framework's fine-tuned mode (toto.tasks.base) on the classification t
 (toto.tasks.classify).
 
     batch: (B, L) ids  [start] + codes + [end]        (L = 2 + frames x h x w)
-      -> inputs (B, L-1), next-token targets (B, L-1)  (toto.train.trainer.shift_targets)
+      -> inputs (B, L-1), next-token targets (B, L-1)  (toto.train.optim.shift_targets)
       -> one pass of the unfrozen Toto:
            residual stream at layer ``layer``, code positions only: (B, L-2, D) -> Probe -> (B, C)
            final logits (B, L-1, V) -> next-token NLL, exactly the pre-training loss

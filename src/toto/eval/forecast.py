@@ -330,7 +330,7 @@ def forecast(model, layout: VocabLayout, tokenizer, items: list[ForecastInput], 
     from safetensors.numpy import save_file
 
     from ..model.generate import generate, visual_ids_mask
-    from ..train.trainer import autocast_for
+    from ..train.optim import autocast_for
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError, DataError
 from ..tokenizers.base import check_identity
+from ..train.optim import autocast_for
 from . import davis
 
 DINO_RADIUS, DINO_ROWS = 12, 60
@@ -179,8 +180,7 @@ class ModelFeatures:
 
     def _hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)
-        autocast = self.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with autocast_for(self.device):
             x = self.model.hidden_states(tokens, [self.layer])[self.layer]
         return x.float().cpu()
 

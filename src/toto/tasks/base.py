@@ -40,6 +40,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir,
                       read_jsonl, verify_checksums)
+from ..train.optim import adamw, autocast_for, cosine_lr, param_groups, set_lr, shift_targets
 
 # -- distributed pieces --------------------------------------------------------------------------
 
@@ -161,8 +162,6 @@ class TaskModel(nn.Module):
         """``tokens (B, L)`` -> (``{layer: (B, T, D)}`` at the code positions, the mean next-token
         NLL or None): one trunk pass that stops at the deepest layer read unless the NTP term
         needs the full depth."""
-        from ..train.trainer import autocast_for, shift_targets
-
         x, targets = shift_targets(tokens, self.pad)
         grad = torch.enable_grad() if self.train_trunk else torch.no_grad()
         ntp = None
@@ -262,20 +261,6 @@ def epoch_steps(n: int, batch_size: int) -> int:
 def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
     """Epoch ``epoch``'s order of the ``n`` train samples: a pure function of (seed, epoch)."""
     return np.random.default_rng([seed, epoch]).permutation(n)
-
-
-def lr_of(step: int, total: int, warmup: int, lr: float, min_ratio: float) -> float:
-    """Linear warm-up to ``lr`` then cosine decay to ``lr * min_ratio`` at ``total``."""
-    if warmup and step < warmup:
-        return lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    floor = lr * min_ratio
-    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def set_lr(opt: torch.optim.Optimizer, step: int, total: int, warmup: int, min_ratio: float) -> None:
-    for g in opt.param_groups:
-        g["lr"] = lr_of(step, total, warmup, g["base_lr"], min_ratio) * g.get("lr_scale", 1.0)
 
 
 @dataclass
@@ -410,7 +395,7 @@ def fit(model: TaskModel, opt: torch.optim.Optimizer, train: Split, val: Split, 
         val_logits, val_ntp = predict(model, val, bs, device, with_ntp=model.ntp_weight is not None,
                                       progress=progress, desc="val")
         stats = EpochStats(
-            epoch=epoch, step=step, lr_factor=lr_of(step - 1, total, warmup, 1.0, loop.min_lr_ratio),
+            epoch=epoch, step=step, lr_factor=cosine_lr(step - 1, total, warmup, 1.0, loop.min_lr_ratio),
             train_loss=train_loss, train_correct={name: float(sums[k + i]) / seen for i, name in enumerate(names)},
             train_ntp=float(sums[2 * k]) / seen if with_ntp else None,
             last_loss={name: float(last[i]) / float(last[-1]) for i, name in enumerate(names)},
@@ -610,15 +595,10 @@ def load_backbone(checkpoint: str | Path, tokenizer: str | Path, spec, device) -
 def make_optimizer(model: TaskModel, lr: float, head_lr: float, weight_decay: float, device) -> torch.optim.AdamW:
     """AdamW over what trains: trunk groups at ``lr`` (muP's per-group scale kept), head groups at
     ``head_lr``; decay on matrices only."""
-    from ..train.trainer import param_groups
-
     groups = []
     if model.trunk is not None and model.train_trunk:
-        width = getattr(model.trunk, "width_mult", 1.0)
-        groups += [{**g, "base_lr": lr} for g in param_groups(model.trunk, weight_decay, width)]
-    groups += [{**g, "base_lr": head_lr} for g in param_groups(model.heads, weight_decay)]
-    kw = {"fused": True} if torch.device(device).type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=head_lr, **kw)
+        groups += param_groups(model.trunk, weight_decay, model.trunk.width_mult, base_lr=lr)
+    return adamw(groups + param_groups(model.heads, weight_decay, base_lr=head_lr), device, head_lr)
 
 
 @dataclass

@@ -42,6 +42,7 @@ from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json
 from ..train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+from ..train.optim import cosine_lr
 from .dvae import LOGIT_LAPLACE_EPS, Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
 from .stats import codebook_usage
 
@@ -118,9 +119,8 @@ def kl_weight(cfg: DVAETrainConfig, step: int) -> float:
 
 
 def learning_rate(cfg: DVAETrainConfig, step: int) -> float:
-    t = min(1.0, step / max(1, cfg.steps))
-    lo = cfg.lr * cfg.lr_final_frac
-    return lo + 0.5 * (cfg.lr - lo) * (1 + math.cos(math.pi * t))
+    """The shared cosine schedule without warm-up, down to ``lr * lr_final_frac``."""
+    return cosine_lr(step, cfg.steps, 0, cfg.lr, cfg.lr_final_frac)
 
 
 def logit_laplace_nll(x: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ModelConfig
 from ..model.llama import Toto
-from .trainer import param_groups
+from .optim import adamw, param_groups
 
 
 def coord_sizes(width: int, mup_base_dim: int | None, steps: int = 4, lr: float = 1e-2,
@@ -26,7 +26,7 @@ def coord_sizes(width: int, mup_base_dim: int | None, steps: int = 4, lr: float 
     groups = param_groups(model, 0.0, model.width_mult)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+    opt = adamw(groups, "cpu", lr, (0.9, 0.95))
     g = torch.Generator().manual_seed(seed + 1)
     tokens = torch.randint(0, vocab, (batch, seq + 1), generator=g)
     x, y = tokens[:, :-1], tokens[:, 1:]

@@ -26,69 +26,15 @@ from ..data.loader import val_batches
 from ..data.mix import describe_sources, make_loader, mix_weights, open_shards, split_sources
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, dir_lock, read_jsonl, run_files
-from ..model.llama import Toto, is_hidden_matrix
+from ..model.llama import Toto
 from ..tokenizers.base import IDENTITY_KEYS, check_identity
 from . import checkpoint as ckpt
 from .distributed import all_reduce_sum, barrier, init_distributed, wrap_model
+from .optim import adamw, autocast_for, cosine_lr, param_groups, set_lr, shift_targets, uses_bf16
 
 # architecture fields a fine-tuning run inherits from the checkpoint it starts from
 ARCH_FIELDS = ("n_layers", "n_heads", "dim", "ffn_dim", "vocab_size", "norm_eps", "tie_embeddings",
                "init_std", "mup_base_dim")
-
-
-def uses_bf16(device: torch.device, dtype: str) -> bool:
-    """bf16 autocast on GPU by default; plain fp32 on CPU unless bf16 is asked for."""
-    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-
-
-def autocast_for(device: torch.device, dtype: str):
-    if uses_bf16(device, dtype):
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def lr_at(step: int, cfg) -> float:
-    """Linear warm-up to ``lr`` then cosine decay to ``lr * min_lr_ratio`` at ``max_steps``."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, width_mult: float = 1.0) -> list[dict]:
-    """Weight decay on matrices only (never norm gains); under muP the hidden matrices learn at
-    ``lr / width_mult``. Groups are built from parameter names, which survive FSDP2 sharding
-    (custom parameter attributes do not)."""
-    hidden, matrices, vectors = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2:
-            vectors.append(p)
-        elif is_hidden_matrix(name):
-            hidden.append(p)
-        else:
-            matrices.append(p)
-    groups = [{"params": hidden, "weight_decay": weight_decay, "lr_scale": 1.0 / width_mult},
-              {"params": matrices, "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": vectors, "weight_decay": 0.0, "lr_scale": 1.0}]
-    return [g for g in groups if g["params"]]
-
-
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.AdamW:
-    t = cfg.train
-    kw = {"fused": True} if device.type == "cuda" else {}
-    groups = param_groups(model, t.weight_decay, getattr(model, "width_mult", 1.0))
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), **kw)
-
-
-def shift_targets(batch: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``batch: (B, L)`` -> inputs ``(B, L-1)`` and next-token targets (pads ignored as -1)."""
-    inputs, targets = batch[:, :-1], batch[:, 1:].clone()
-    targets[targets == pad_id] = -1
-    return inputs, targets
 
 
 @dataclass
@@ -157,7 +103,8 @@ class Trainer:
         self.model = Toto(m).to(self.device)
         self.model.activation_checkpointing = t.activation_checkpointing
         self.wrapped = wrap_model(self.model, t.parallel, self.dist, self.device)
-        self.optimizer = make_optimizer(self.model, cfg, self.device)
+        self.optimizer = adamw(param_groups(self.model, t.weight_decay, self.model.width_mult), self.device,
+                               t.lr, (t.beta1, t.beta2))
 
         splits = split_sources(self.ds, cfg.data.val_fraction, cfg.data.val_max_sequences, cfg.data.seed)
         self.train_idx = np.concatenate([tr for tr, _ in splits])
@@ -333,9 +280,7 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float]:
         t = self.cfg.train
-        lr = lr_at(self.step, t)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+        set_lr(self.optimizer, self.step, t.max_steps, t.warmup_steps, t.min_lr_ratio, t.lr)
         total = torch.zeros((), device=self.device)
         for i in range(self.accum):
             batch = self.loader.next_batch().to(self.device, non_blocking=True)
@@ -408,7 +353,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}")
                 if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                    self._log({"step": self.step, "loss": loss, "lr": lr_at(self.step - 1, t),
+                    self._log({"step": self.step, "loss": loss, "lr": cosine_lr(self.step - 1, t.max_steps, t.warmup_steps, t.lr, t.min_lr_ratio),
                                "grad_norm": gnorm, "tokens": self.state["tokens"], "tok_per_s": tok_s}, tb)
                 if self.step % t.eval_interval == 0 or self.step == t.max_steps:
                     val = self.evaluate()
