@@ -274,15 +274,18 @@ def test_model_features_beat_copy_first_mask(synth, tiny_run, tmp_path):
 
 
 def test_checkpoint_tokenizer_mismatches_are_refused(synth, tiny_run, tmp_path):
+    from toto.eval.features import SequenceSpec
+    from toto.tasks.base import load_backbone
     from toto.tokenizers.patch import PatchTokenizer
 
     d, tok, model = tiny_run
     other = PatchTokenizer(np.zeros((16, 8 * 8 * 3), np.float32), patch=8, resolution=64)
-    with pytest.raises(CheckpointError, match="vocabulary"):
-        tr.ModelFeatures(model, other)
-    bigger = PatchTokenizer(tok.codebook, patch=8, resolution=128)  # same codes, other resolution
-    with pytest.raises(CheckpointError, match="resolution"):
-        tr.ModelFeatures(model, bigger, checkpoint_state={"tokenizer": tok.identity()})
     other.save(tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match="n_codes 32 there vs 16 here"):
+        load_backbone(d / "run", tmp_path / "other.safetensors", SequenceSpec("image"), "cpu")
+    bigger = PatchTokenizer(tok.codebook, patch=8, resolution=128)  # same codes, other resolution
+    bigger.save(tmp_path / "bigger.safetensors")
+    with pytest.raises(CheckpointError, match="resolution"):
+        load_backbone(d / "run", tmp_path / "bigger.safetensors", SequenceSpec("image"), "cpu")
     assert main(["track", "--data", str(synth), "--out", str(tmp_path / "o"), "--no-progress",
                  "--checkpoint", str(d / "run"), "--tokenizer", str(tmp_path / "other.safetensors")]) == 2

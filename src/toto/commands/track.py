@@ -54,15 +54,16 @@ def build_features(args):
     if not args.checkpoint or not args.tokenizer:
         raise ConfigError("--features model needs --checkpoint and --tokenizer "
                           "(or use --features pixels / copy-first)")
-    from ..tokenizers.base import get_tokenizer
-    from ..train.checkpoint import load_model
+    from ..eval.features import SequenceSpec
+    from ..tasks.base import load_backbone
 
     device = resolve_device(args.device)
-    tokenizer = get_tokenizer(args.tokenizer, device=str(device))
-    model, _, state = load_model(args.checkpoint, device)
-    return ModelFeatures(model, tokenizer, layer=args.layer, context=args.context,
+    # identity, vocabulary and one frame's context checked here; a video window's context once
+    # the tracking resolution is known
+    bb = load_backbone(args.checkpoint, args.tokenizer, SequenceSpec("image"), device)
+    return ModelFeatures(bb.model, bb.tokenizer, layer=args.layer, context=args.context,
                          video_frames=args.video_frames, resize=args.resize, batch_size=args.batch_size,
-                         resolution=args.resolution, device=device, checkpoint_state=state)
+                         resolution=args.resolution, device=device)
 
 
 def run(args) -> int:

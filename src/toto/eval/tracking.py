@@ -38,8 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import CheckpointError, ConfigError, DataError
-from ..tokenizers.base import check_identity
+from ..errors import ConfigError, DataError
 from ..train.optim import autocast_for
 from . import davis
 
@@ -115,16 +114,14 @@ class PixelFeatures:
 
 
 class ModelFeatures:
-    """Hidden states of a frozen toto model at ``layer`` for each frame's tokens."""
+    """Hidden states of a frozen toto model at ``layer`` for each frame's tokens; ``model`` and
+    ``tokenizer`` as ``toto.tasks.base.load_backbone`` checked them to belong together."""
 
     name = "model"
 
     def __init__(self, model, tokenizer, layer: int | None = None, context: str = "image",
                  video_frames: int = 4, resize: str = "square", batch_size: int = 16,
-                 resolution: int | None = None, device: str | torch.device = "cpu",
-                 checkpoint_state: dict | None = None):
-        from ..vocab import N_SPECIAL
-
+                 resolution: int | None = None, device: str | torch.device = "cpu"):
         self.model, self.tokenizer = model, tokenizer
         self.device = torch.device(device)
         n_layers = len(model.layers)
@@ -139,12 +136,6 @@ class ModelFeatures:
         self.batch_size = batch_size
         self.resolution = resolution or tokenizer.resolution
         target_size((1, 1), self.resolution, tokenizer.downsample, resize)
-        want = tokenizer.n_codes + N_SPECIAL
-        if model.cfg.vocab_size != want:
-            raise CheckpointError(f"checkpoint vocabulary is {model.cfg.vocab_size} ids but the tokenizer has "
-                                  f"{tokenizer.n_codes} codes (+{N_SPECIAL} specials = {want}): they were "
-                                  f"not trained together")
-        check_identity((checkpoint_state or {}).get("tokenizer"), tokenizer, "checkpoint", CheckpointError)
 
     def describe(self) -> dict:
         return {"features": "model", "layer": self.layer, "context": self.context,
