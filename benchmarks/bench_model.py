@@ -45,6 +45,8 @@ def main(argv=None) -> int:
                         "adds an MFU column against it")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     args = p.parse_args(argv)
+    from toto.model.llama import flops_per_token
+
     device, cases, names = common.select_cases(p, args, CASES)
     rounds = args.rounds or (3 if args.quick else 7)
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
@@ -81,7 +83,7 @@ def main(argv=None) -> int:
         timing = common.interleaved(steps, rounds, device)
         peak = max(peak, common.matmul_peak(device, peak_dtype))  # re-measured after each case
         tokens = batch * seq
-        flops = common.train_flops_per_token(cfg, seq) * tokens
+        flops = flops_per_token(cfg, seq) * tokens
         for impl, t in timing.items():
             mem = None
             if not args.no_memory and impl != "ours+compile":
@@ -122,9 +124,9 @@ def main(argv=None) -> int:
                    ([f"MFU vs {args.nominal_peak_tflops:g} TFLOP/s"] if args.nominal_peak_tflops else []) +
                    ["peak memory"],
         "rows": rows,
-        "notes": [f"MFU = (6N + 12*L*d*T) FLOPs per token x tokens/s / measured {peak_dtype} matmul peak "
+        "notes": [f"MFU = (6N + 6*L*d*T) FLOPs per token x tokens/s / measured {peak_dtype} matmul peak "
                   f"({peak / 1e9:,.1f} GFLOP/s, {2048 if device.type == 'cpu' else 8192}^2 matmul, same run); "
-                  f"N = block matmul weights + output head. Memory: {mem_note}. "
+                  f"N = non-embedding parameters (toto.model.llama.flops_per_token). Memory: {mem_note}. "
                   f"tokens/s and ms/step: best of {rounds} interleaved steps (the least disturbed by other "
                   f"processes); speed vs HF (best): HF's best step time / this row's; (paired median): median "
                   f"over rounds of HF's time / this row's in the same round." +

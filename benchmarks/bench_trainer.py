@@ -79,6 +79,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per mode (default per case)")
     args = p.parse_args(argv)
+    from toto.model.llama import flops_per_token
+
     device, cases, names = common.select_cases(p, args, CASES)
     peak_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = common.matmul_peak(device, peak_dtype)
@@ -101,7 +103,7 @@ def main(argv=None) -> int:
                 print(f"{name}: {mode}, {steps} timed steps", flush=True)
                 res[mode] = run_trainer(data, tmp / mode, preset, steps, device, mode == "compile", extra)
         for mode, r in res.items():
-            flops = common.train_flops_per_token(r["model"], r["seq_tokens"]) * r["tokens_per_step"]
+            flops = flops_per_token(r["model"], r["seq_tokens"]) * r["tokens_per_step"]
             tps = r["tokens_per_step"] / r["step_s"]
             vs = res["eager"]["step_s"] / r["step_s"]
             mfu = flops / r["step_s"] / peak

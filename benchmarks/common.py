@@ -145,20 +145,7 @@ def logits_of(model, tokens):
     return out if torch.is_tensor(out) else out.logits
 
 
-# -- FLOPs and the machine's peak --------------------------------------------------------------
-
-def matmul_params(cfg) -> int:
-    """Parameters that take part in matmuls: every block's projections plus the output head
-    (the embedding is a table lookup, norm gains are elementwise)."""
-    d, f = cfg.dim, cfg.ffn_dim
-    return cfg.n_layers * (4 * d * d + 3 * d * f) + cfg.vocab_size * d
-
-
-def train_flops_per_token(cfg, seq_len: int) -> float:
-    """6 N + 12 L d T (PaLM appendix B): 6N for the weight matmuls forward and backward, and
-    12 L d T for QK^T and AV over the full T x T score matrix (causal masking not discounted)."""
-    return 6 * matmul_params(cfg) + 12 * cfg.n_layers * cfg.dim * seq_len
-
+# -- the machine's peak (FLOPs per token: toto.model.llama.flops_per_token) --------------------------------------------------------------
 
 def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int | None = None,
                 reps: int = 5) -> float:

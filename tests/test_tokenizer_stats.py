@@ -14,7 +14,7 @@ from toto.cli import main
 from toto.data.media import sample_frames
 from toto.tokenizers.base import get_tokenizer
 from toto.tokenizers.patch import PatchTokenizer
-from toto.tokenizers.stats import code_stats, codebook_usage
+from toto.tokenizers.stats import code_stats, codebook_usage, psnr
 from toto.tokenizers.vqgan import VQGANConfig, VQGANTokenizer
 
 
@@ -30,6 +30,21 @@ def frame(levels: list[int], offset: int) -> np.ndarray:
         y, x = divmod(i, 2)
         f[2 * y:2 * y + 2, 2 * x:2 * x + 2] = v + offset
     return f
+
+
+def test_psnr_pooled_and_per_frame_by_hand():
+    """The one PSNR (forecasts, tokenizer reports, dVAE training): pooled over all pixels, or the
+    mean of per-frame values, where an exact frame counts at the 1e-10 error floor, not inf."""
+    a = np.zeros((2, 2, 2, 3), np.uint8)
+    b = a.copy()
+    b[0] += 1  # MSE 1
+    b[1] += 2  # MSE 4
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255 ** 2 / 2.5))
+    assert psnr(a, b, per_frame=True) == pytest.approx((10 * math.log10(255 ** 2) + 10 * math.log10(255 ** 2 / 4)) / 2)
+    b[1] = 0
+    assert psnr(a, b, per_frame=True) == pytest.approx((10 * math.log10(255 ** 2) + 10 * math.log10(255 ** 2 / 1e-10)) / 2)
+    assert psnr(a, a) == math.inf
+    assert psnr(np.zeros(4), np.full(4, 0.5), data_range=1.0) == pytest.approx(10 * math.log10(4))
 
 
 def test_coverage_perplexity_and_psnr_hand_computed():

@@ -15,7 +15,8 @@ from toto.errors import CheckpointError, DataError
 from toto.tokenizers.base import get_tokenizer
 from toto.tokenizers.dvae import DVAETokenizer
 from toto.tokenizers import train_dvae as td
-from toto.tokenizers.train_dvae import DVAETrainConfig, codebook_usage, psnr_uint8, train_dvae
+from toto.tokenizers.stats import psnr
+from toto.tokenizers.train_dvae import DVAETrainConfig, codebook_usage, train_dvae
 
 
 def photo_frames(size: int, n: int, seed: int = 0) -> np.ndarray:
@@ -62,7 +63,7 @@ def test_metrics_hand_computed():
     b = a.copy()
     b[0] = 1  # MSE 1 -> 10 log10(255^2) = 48.13 dB
     b[1] = 2  # MSE 4 -> 42.11 dB
-    assert psnr_uint8(a, b) == pytest.approx((10 * math.log10(255 ** 2) + 10 * math.log10(255 ** 2 / 4)) / 2)
+    assert psnr(a, b, per_frame=True) == pytest.approx((10 * math.log10(255 ** 2) + 10 * math.log10(255 ** 2 / 4)) / 2)
     u = codebook_usage(np.array([[0, 0], [1, 3]]), 8)
     assert u["used"] == 3 and u["usage"] == 3 / 8
     assert u["perplexity"] == pytest.approx(math.exp(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))))
@@ -86,12 +87,12 @@ def test_short_training_learns_and_writes_its_files(tmp_path):
     tok, rep = train_dvae(frames, cfg, out, progress=False)
     untrained = DVAETokenizer(cfg.model_config())  # same architecture, initial weights
     val = frames[np.sort(np.random.default_rng(cfg.seed).permutation(60)[:12])]
-    before = psnr_uint8(val, untrained.decode(untrained.encode(val)))
+    before = psnr(val, untrained.decode(untrained.encode(val)), per_frame=True)
     mean_colour = np.broadcast_to(val.reshape(12, -1, 3).mean(1)[:, None, None], val.shape).round().astype(np.uint8)
     after = rep["held_out"]["psnr"]
-    assert after == pytest.approx(psnr_uint8(val, tok.decode(tok.encode(val))))  # the report is about val
+    assert after == pytest.approx(psnr(val, tok.decode(tok.encode(val)), per_frame=True))  # the report is about val
     assert after > before + 3, (before, after)
-    assert after > psnr_uint8(val, mean_colour) + 1, (psnr_uint8(val, mean_colour), after)
+    assert after > psnr(val, mean_colour, per_frame=True) + 1, (psnr(val, mean_colour, per_frame=True), after)
     assert rep["held_out"]["used"] >= 4  # more than a collapsed codebook
     assert rep["frames"] == {"train": 48, "held_out": 12, "resolution": 16}
     assert json.loads((tmp_path / "dvae.report.json").read_text())["held_out"] == rep["held_out"]

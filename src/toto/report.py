@@ -7,7 +7,6 @@ than failing the report.
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -55,11 +54,12 @@ def reconstruction_grid(tokenizer, frames: np.ndarray, path: Path) -> float:
     """Originals (top) over their reconstructions (bottom) as one PNG; returns PSNR in dB."""
     from PIL import Image
 
+    from .tokenizers.stats import psnr
+
     recon = tokenizer.decode(tokenizer.encode(frames))
-    mse = float(np.mean((frames.astype(np.float64) - recon.astype(np.float64)) ** 2))
     grid = np.concatenate([np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)], 0)
     Image.fromarray(grid).save(path)
-    return 10 * math.log10(255.0 ** 2 / max(mse, 1e-12))
+    return psnr(frames, recon)
 
 
 def _load(path: Path) -> dict | None:

@@ -143,8 +143,7 @@ def _train(args) -> int:
     print(f"pooled {len(frames)} frames of {args.resolution}x{args.resolution} from {len(args.media)} input(s)")
     if args.kind == "patch":
         from ..tokenizers.patch import PatchTokenizer
-        from ..tokenizers.stats import codebook_usage
-        from ..tokenizers.train_dvae import psnr_uint8
+        from ..tokenizers.stats import codebook_usage, psnr
 
         tok = PatchTokenizer.fit(frames, n_codes=args.n_codes, patch=args.patch, resolution=args.resolution,
                                  seed=args.seed)
@@ -152,7 +151,7 @@ def _train(args) -> int:
         codes = tok.encode(frames)
         use = codebook_usage(codes, tok.n_codes)
         print(f"wrote {args.out}: patch tokenizer, {tok.n_codes} codes of {args.patch}x{args.patch} patches; "
-              f"on the fitting frames: PSNR {psnr_uint8(frames, tok.decode(codes)):.2f} dB, "
+              f"on the fitting frames: PSNR {psnr(frames, tok.decode(codes), per_frame=True):.2f} dB, "
               f"{use['used']}/{tok.n_codes} codes used")
         return 0
 

@@ -33,18 +33,10 @@ from ..device import resolve_device
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_json
 from ..tokenizers.base import check_identity
+from ..tokenizers.stats import psnr
 from ..vocab import VocabLayout
 
 # -- image metrics ------------------------------------------------------------------------------
-
-
-def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB over all pixels and channels (inf when identical)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:

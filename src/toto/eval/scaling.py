@@ -5,12 +5,9 @@ Compute per run (FLOPs, forward + backward, one training token = one predicted p
 
     C = 6 * N_nonembed * D  +  6 * n_layers * n_ctx * dim * D
 
-``N_nonembed`` is every parameter except the input embedding table (a lookup, no matmul);
-the output head is kept because it is a real ``dim x vocab`` matmul. The second term is
-causal self-attention: per layer and token, QK^T and AV cost 2*dim FLOPs per key each, and a
-causal query sees on average n_ctx/2 keys, so the forward pass costs 2 * n_ctx * dim per layer
-and token; backward costs twice the forward (Kaplan et al. 2020, table 1, times 3).
-``n_ctx`` is the length the model is trained on (shard seq_len - 1). ``D`` counts every
+(``toto.model.llama.flops_per_token``, the project's one FLOPs convention: Kaplan et al. 2020,
+causal attention; its docstring says why). ``N_nonembed`` is every parameter except the input
+embedding table. ``n_ctx`` is the length the model is trained on (shard seq_len - 1). ``D`` counts every
 position of every micro-batch, the trainer's own token count.
 
 Frontier: every validation point of every run (intermediate evaluations from its
@@ -37,6 +34,7 @@ from ..config import (PRESETS, Config, DataConfig, ModelConfig, apply_dict, data
                       validate)
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_write_bytes, atomic_write_json, read_jsonl
+from ..model.llama import flops_per_token, nonembedding_params
 
 PAPER_EXPONENTS = {"Toto (paper)": -0.0378, "GPT-3": -0.048}
 RESULTS = "results.jsonl"
@@ -44,18 +42,6 @@ SHAPE_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 # -- compute ----------------------------------------------------------------------------------
-def nonembedding_params(m: ModelConfig) -> int:
-    """All parameters but the input embedding table (the head is a matmul and is kept)."""
-    from ..model.llama import count_params
-
-    return count_params(m) - m.vocab_size * m.dim
-
-
-def flops_per_token(m: ModelConfig, n_ctx: int) -> float:
-    """Training FLOPs (fwd + bwd) per token: 6 N_nonembed + 6 n_layers n_ctx dim."""
-    return 6.0 * nonembedding_params(m) + 6.0 * m.n_layers * n_ctx * m.dim
-
-
 def tokens_per_step(cfg: Config, seq_len: int) -> int:
     """Tokens one optimizer step consumes: the trainer rounds batch_tokens to whole micro-batches."""
     t = cfg.train

@@ -306,3 +306,24 @@ def count_params(cfg: ModelConfig) -> int:
     per_layer = 4 * d * d + 3 * d * f + 2 * d
     emb = v * d * (1 if cfg.tie_embeddings else 2)
     return n * per_layer + emb + d
+
+
+def nonembedding_params(cfg: ModelConfig) -> int:
+    """Every parameter but the input embedding table (a lookup, no matmul). The output head is a
+    real ``dim x vocab`` matmul and is kept, also when it shares its weights with the embedding."""
+    return count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.dim)
+
+
+def flops_per_token(cfg: ModelConfig, n_ctx: int) -> float:
+    """Training FLOPs (forward + backward) per trained token at context ``n_ctx``:
+    ``6 N + 6 n_layers n_ctx dim`` with ``N = nonembedding_params``.
+
+    The one convention of the project, for the scaling-law compute axis and for the benchmarks'
+    MFU alike: Kaplan et al. 2020 (table 1, times 3 for the backward pass), as the paper's
+    scaling study (arXiv 2501.05453) plots loss against compute the way Kaplan et al. count it.
+    6N: every weight takes part in one multiply-add forward and two backward. The attention
+    term: per layer and token, QK^T and AV cost 2*dim FLOPs per key each and a causal query sees
+    n_ctx/2 keys on average, so 2*n_ctx*dim forward. It counts the work a causal (flash) kernel
+    does, unlike PaLM's 12*L*d*T, which also counts the masked half of the score matrix;
+    tests/test_scaling.py checks both terms against torch's FLOP counter."""
+    return 6.0 * nonembedding_params(cfg) + 6.0 * cfg.n_layers * n_ctx * cfg.dim

@@ -8,6 +8,7 @@ entropy: the number of equally used codes with the same entropy), and the recons
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,26 @@ from tqdm import tqdm
 from .base import Tokenizer
 
 PAPER_REFERENCE = "paper (arXiv 2501.05453, sec. 3.1): the dVAE uses ~100% of its 8192 codes, a VQGAN < 50% of its codebook"
+
+
+def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, per_frame: bool = False) -> float:
+    """Peak signal-to-noise ratio in dB of ``b`` against ``a`` (same shape), from the mean squared
+    error over all pixels and channels; inf when identical. ``per_frame``: ``a, b`` are stacks
+    ``(N, ...)`` of frames and the result is the mean of each frame's PSNR (how a tokenizer's
+    reconstructions are scored), each frame's error floored at 1e-10 so that one exact frame
+    does not make the mean infinite."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: shapes differ {a.shape} vs {b.shape}")
+    if per_frame:
+        mse = ((a - b) ** 2).reshape(len(a), -1).mean(1)
+        return float(np.mean([mse_to_psnr(m, data_range) for m in np.maximum(mse, 1e-10)]))
+    return mse_to_psnr(float(np.mean((a - b) ** 2)), data_range)
+
+
+def mse_to_psnr(mse: float, data_range: float = 255.0) -> float:
+    """``10 log10(data_range^2 / mse)`` dB; inf for a zero error."""
+    return math.inf if mse == 0 else 10.0 * math.log10(data_range ** 2 / mse)
 
 
 def usage_from_counts(counts: np.ndarray) -> dict:
@@ -37,15 +58,13 @@ def code_stats(tok: Tokenizer, frames: np.ndarray, chunk: int = 32, progress: bo
     ``usage`` is bounded by ``positions / n_codes`` (reported as ``usage_bound``): a small sample
     cannot show a large codebook used in full.
     """
-    from .train_dvae import psnr_uint8
-
     counts = np.zeros(tok.n_codes, np.int64)
     psnr_sum = 0.0
     for i in tqdm(range(0, len(frames), chunk), desc="stats", unit="chunk", disable=not progress, leave=False):
         f = frames[i:i + chunk]
         codes = tok.encode(f)
         counts += np.bincount(codes.ravel(), minlength=tok.n_codes)
-        psnr_sum += psnr_uint8(f, tok.decode(codes)) * len(f)
+        psnr_sum += psnr(f, tok.decode(codes), per_frame=True) * len(f)
     positions = int(counts.sum())
     use = usage_from_counts(counts)
     return {"kind": tok.kind, "n_codes": tok.n_codes, "frames": len(frames), "resolution": int(frames.shape[1]),

@@ -44,7 +44,7 @@ from ..ioutil import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomi
 from ..train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from ..train.optim import cosine_lr
 from .dvae import LOGIT_LAPLACE_EPS, Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
-from .stats import codebook_usage
+from .stats import codebook_usage, mse_to_psnr, psnr
 
 
 @dataclass
@@ -141,12 +141,6 @@ def kl_to_uniform(logits: torch.Tensor) -> torch.Tensor:
     return kl.sum((1, 2)).mean()
 
 
-def psnr_uint8(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean over frames of the PSNR (dB, peak 255) of ``(N, H, W, 3)`` uint8 arrays."""
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) ** 2).reshape(len(a), -1).mean(1)
-    return float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10))))
-
-
 def save_sample_grid(path: Path, originals: np.ndarray, recons: np.ndarray) -> None:
     """Two rows: ``originals: (n, H, W, 3)`` over ``recons``, 2-pixel white gutters; PNG."""
     from io import BytesIO
@@ -233,7 +227,7 @@ def evaluate(tok: DVAETokenizer, frames: np.ndarray) -> tuple[dict, np.ndarray]:
     """Held-out codebook usage and PSNR through the tokenizer's own encode/decode."""
     codes = tok.encode(frames)
     recon = tok.decode(codes)
-    return {"psnr": psnr_uint8(frames, recon), **codebook_usage(codes, tok.n_codes)}, recon
+    return {"psnr": psnr(frames, recon, per_frame=True), **codebook_usage(codes, tok.n_codes)}, recon
 
 
 def train_dvae(frames: np.ndarray, cfg: DVAETrainConfig, out_path: str | Path, progress: bool = True,
@@ -305,7 +299,7 @@ def train_dvae(frames: np.ndarray, cfg: DVAETrainConfig, out_path: str | Path, p
             now = time.time()
             with torch.no_grad():  # PSNR of the soft reconstruction, on the [0, 1] pixel scale
                 mse = F.mse_loss(torch.sigmoid(stats[:, :3].float()), x).item() / (1 - 2 * LOGIT_LAPLACE_EPS) ** 2
-            rec_psnr = 10 * math.log10(1 / max(mse, 1e-12))
+            rec_psnr = mse_to_psnr(mse, 1.0)
             rec_line = {"step": step, "loss": loss.item(), "nll": rec.item(), "kl": kl.item() * n_sub,
                         "tau": tau, "kl_weight": beta, "lr": lr, "train_psnr_soft": rec_psnr,
                         "steps_per_s": (step - s_last) / max(now - t_last, 1e-9)}
