@@ -21,27 +21,9 @@ from .commands.argtypes import positive_int  # noqa: E402
 from .errors import user_error  # noqa: E402
 from .ioutil import dir_lock  # noqa: E402
 
-# subcommand -> module under toto.commands (listed in the order `toto --help` shows them)
-COMMANDS = {
-    "quickstart": "quickstart",
-    "tokenizer": "tokenizer",
-    "tokenize": "tokenize",
-    "detokenize": "detokenize",
-    "train": "train",
-    "probe": "probe",
-    "lists": "lists",
-    "finetune": "finetune",
-    "track": "track",
-    "forecast": "forecast",
-    "anticipate": "anticipate",
-    "robot": "robot",
-    "scaling": "scaling",
-    "synth": "synth",
-    "cater": "cater",
-    "coordcheck": "coordcheck",
-    "export": "export",
-    "params": "params",
-}
+# subcommands, each the module of that name under toto.commands, in the order `toto --help` shows them
+COMMANDS = ("quickstart", "tokenizer", "tokenize", "detokenize", "train", "probe", "lists", "finetune", "track",
+            "forecast", "anticipate", "robot", "scaling", "synth", "cater", "coordcheck", "export", "params")
 
 
 class Parser(argparse.ArgumentParser):
@@ -96,13 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="toto", description="Autoregressive pre-training from videos.")
     parser.add_argument("--version", action="version", version=f"toto {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, mod_name in COMMANDS.items():
-        try:
-            mod = importlib.import_module(f"toto.commands.{mod_name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"toto.commands.{mod_name}":
-                raise
-            continue  # not built yet; the README lists what exists
+    for name in COMMANDS:
+        mod = importlib.import_module(f"toto.commands.{name}")
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(p)
         p.set_defaults(_run=mod.run, _locks_out=getattr(mod, "LOCKS_OUT", False))

@@ -278,9 +278,8 @@ def validate(cfg: Config) -> Config:
             raise ConfigError(f"data.weights must all be finite and > 0, got {d.weights}")
     _positive(t, "train", "lr", "max_steps", "batch_tokens", "micro_batch_size", "eval_interval",
               "eval_batches", "ckpt_interval", "keep_checkpoints", "log_interval")
-    for n in ("warmup_steps",):
-        if getattr(t, n) < 0:
-            raise ConfigError(f"train.{n} must be >= 0, got {getattr(t, n)}")
+    if t.warmup_steps < 0:
+        raise ConfigError(f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     if not 0 <= t.min_lr_ratio <= 1:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     for n in ("beta1", "beta2"):

@@ -24,7 +24,6 @@ END = 2
 IMAGE_START = 3
 N_SPECIAL = 4
 CODE_OFFSET = N_SPECIAL
-SPECIALS = {"pad": PAD, "video_start": VIDEO_START, "end": END, "image_start": IMAGE_START}
 DALLE_CODES = 8192
 
 

@@ -115,7 +115,7 @@ class Trainer:
         self.loader = make_loader(self.ds, [tr for tr, _ in splits], weights, t.micro_batch_size,
                                   seed=cfg.data.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         if start is not None:
-            _check_same_sources(self.state.get("data_sources"), self.sources)
+            _check_same_sources(self.state["data_sources"], self.sources)
         self.val_by_source: dict[str, float] = {}
         self.seq_tokens = self.ds.seq_len - 1
         per_micro = t.micro_batch_size * self.seq_tokens * self.dist.world_size
@@ -422,12 +422,8 @@ class StopSignals:
         self._old = {}
 
 
-def _check_same_sources(saved: list[dict] | None, now: list[dict]) -> None:
-    """--resume must see the folders (by name and size) and weights the run started with;
-    checkpoints from before mixing was recorded are not checked."""
-    if saved is None:
-        return
-
+def _check_same_sources(saved: list[dict], now: list[dict]) -> None:
+    """--resume must see the folders (by name and size) and weights the run started with."""
     def key(srcs):
         return [(s["name"], s["n_sequences"], round(s["weight"], 12)) for s in srcs]
 
