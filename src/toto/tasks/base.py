@@ -245,17 +245,22 @@ class Loop:
     seed: int = 0
     until: int | None = None  # stop after this epoch; the schedule keeps `epochs`
 
-    def steps(self, n: int) -> tuple[int, int, int, int]:
-        """(batch size, steps per epoch, total steps, warm-up steps) for ``n`` train samples."""
+    def steps(self, n: int, ranks: int = 1) -> tuple[int, int, int, int]:
+        """(batch size, steps per epoch, total steps, warm-up steps) for ``n`` train samples
+        split over ``ranks``: every rank needs a row of every batch."""
         bs = min(self.batch_size, n)
-        per_epoch = epoch_steps(n, bs)
+        if bs < ranks:
+            raise ConfigError(f"a batch of {bs} sample(s) cannot be split over {ranks} ranks: raise the batch "
+                              f"size or run fewer processes")
+        per_epoch = epoch_steps(n, bs, max(2, ranks))
         return bs, per_epoch, per_epoch * self.epochs, round(self.warmup_epochs * per_epoch)
 
 
-def epoch_steps(n: int, batch_size: int) -> int:
-    """Batches in one pass over ``n`` samples; a trailing batch of one is dropped, since
-    BatchNorm cannot normalise a single sample."""
-    return max(1, n // batch_size if n % batch_size < 2 else n // batch_size + 1)
+def epoch_steps(n: int, batch_size: int, smallest: int = 2) -> int:
+    """Batches in one pass over ``n`` samples; a trailing batch of fewer than ``smallest`` is
+    dropped: BatchNorm cannot normalise a single sample, and under torchrun every rank needs a
+    row (``smallest`` = the number of ranks)."""
+    return max(1, n // batch_size if n % batch_size < smallest else n // batch_size + 1)
 
 
 def batch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -343,7 +348,7 @@ def fit(model: TaskModel, opt: torch.optim.Optimizer, train: Split, val: Split, 
     rank, size = world()
     progress = progress and rank == 0
     n = len(train)
-    bs, per_epoch, total, warmup = loop.steps(n)
+    bs, per_epoch, total, warmup = loop.steps(n, size)
     epoch, step = state.resume(model, opt) if state is not None else (0, 0)
     stop = min(loop.until or loop.epochs, loop.epochs)
     wrapped = model
