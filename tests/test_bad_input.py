@@ -137,6 +137,9 @@ CASES = {
     "model.max_seq_len=1e11 (out of memory)": lambda i, t: (
         ["train", "--preset", "tiny", "--data", i["shards"], "--out", t / "r", "--steps", "1",
          "model.max_seq_len=1e11"], ["out of memory"]),
+    "model.max_seq_len=1e9 (out of memory, at once)": lambda i, t: (
+        ["train", "--preset", "tiny", "--data", i["shards"], "--out", t / "r", "--steps", "1",
+         "model.max_seq_len=1e9"], ["out of memory", "model.max_seq_len=1000000000", "GiB"]),
     "binary --config": _binary_config,
     "truncated optimizer.safetensors": lambda i, t: _resume(i, t, lambda c: _truncate(c / "optimizer.safetensors")),
     "garbled optimizer.json": lambda i, t: _resume(i, t, lambda c: (c / "optimizer.json").write_text('{"a": [1,')),
@@ -173,7 +176,7 @@ def test_unwritable_output_is_one_line_and_leaves_no_tmp(code, inputs, tmp_path,
     monkeypatch.setattr(os, "replace", refuse)
     err = _one_line_error(capsys, _tok_train(inputs, tmp_path, out))
     assert f"{out}: {'read-only file system' if code == errno.EROFS else 'permission denied'}" in err
-    assert list(out.parent.iterdir()) == []
+    assert not out.parent.exists()  # nothing left, not even the folder made for it
 
 
 def test_full_disk_is_one_line_and_leaves_no_tmp(tmp_path, capsys):

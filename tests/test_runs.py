@@ -91,6 +91,23 @@ def test_lock_of_a_killed_process_is_not_stale(tmp_path):
         assert (out / ".toto.lock").exists()
 
 
+def test_clearing_a_held_folder_keeps_its_lock(tmp_path):
+    """--overwrite and quickstart --fresh clear the folder they hold: everything goes but the
+    lock, so a second job is still refused (removing the lock file let it lock a new one)."""
+    from toto.ioutil import FolderLockedError, clear_folder
+
+    out = tmp_path / "run"
+    with dir_lock(out, "test"):
+        (out / "checkpoints" / "step_1").mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("{}\n")
+        clear_folder(out)
+        assert [p.name for p in out.iterdir()] == [".toto.lock"]
+        probe = subprocess.run([sys.executable, "-c", f"from toto.ioutil import dir_lock\nwith dir_lock({str(out)!r}): pass"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and FolderLockedError.__name__ in probe.stderr, probe.stderr
+    assert not (out / ".toto.lock").exists()  # released and removed
+
+
 def test_bare_resume_keeps_the_runs_settings(data, tmp_path, capsys):
     settings = ["--steps", "12", "train.ckpt_interval=3", "train.eval_interval=6", "train.lr=5e-3"]
     assert train(data, tmp_path / "full", *settings) == 0
@@ -183,12 +200,129 @@ def test_damaged_weights_are_refused_by_checksum(data, tmp_path, capsys):
         load_model(out)
 
 
-@pytest.mark.parametrize("argv", [["probe", "--checkpoint", "C", "--tokenizer", "T", "--data", "D"],
-                                  ["quickstart"]])
-def test_results_folder_commands_refuse_a_held_folder(argv, tmp_path, capsys):
-    out = tmp_path / "out"
-    with dir_lock(out, "test"):
-        one_line_error(capsys, main([*argv, "--out", str(out)]), str(out), "being written")
+# every command that writes, with what its --out is; M is a missing input: each job takes its
+# lock before reading any input, so a missing one tells a job that got past the lock
+_M = "{tmp}/missing"
+WRITERS = {
+    "train": (["train", "--data", "{shards}", "--steps", "1", *TINY], "folder"),
+    "tokenize": (["tokenize", "{images}", "--tokenizer", "{tok}", "--frames", "2", "--workers", "0", "--no-progress"],
+                 "folder"),
+    "tokenizer train": (["tokenizer", "train", "--kind", "patch", "--media", _M], "file"),
+    "tokenizer convert-dalle": (["tokenizer", "convert-dalle", "--encoder", _M, "--decoder", _M], "file"),
+    "tokenizer convert-vqgan": (["tokenizer", "convert-vqgan", "--checkpoint", _M], "file"),
+    "lists imagenet": (["lists", "imagenet", "--val-dir", _M, "--solution", _M], "file"),
+    "lists kinetics": (["lists", "kinetics", "--csv", _M, "--videos", _M], "file"),
+    "lists cater": (["lists", "cater", "--root", _M], "folder"),
+    "detokenize": (["detokenize", "--data", _M, "--tokenizer", _M], "file"),
+    "export": (["export", "--checkpoint", _M], "file"),  # the HF folder is swapped in whole
+    "probe": (["probe", "--checkpoint", _M, "--tokenizer", _M, "--data", _M], "folder"),
+    "finetune": (["finetune", "--checkpoint", _M, "--tokenizer", _M, "--data", _M], "folder"),
+    "track": (["track", "--data", _M, "--checkpoint", _M, "--tokenizer", _M], "folder"),
+    "forecast": (["forecast", "--checkpoint", _M, "--tokenizer", _M, "--data", _M], "folder"),
+    "cater": (["cater", "--checkpoint", _M, "--tokenizer", _M, "--data", _M], "folder"),
+    "quickstart": (["quickstart", "model.n_layers=0"], "folder"),
+    "anticipate train": (["anticipate", "train", "--checkpoint", _M, "--tokenizer", _M, "--clips", _M,
+                          "--detections", _M, "--annotations", _M], "folder"),
+    "anticipate predict": (["anticipate", "predict", "--run", _M, "--annotations-file", _M, "--clips", _M,
+                            "--detections", _M], "file"),
+    "robot collect": (["robot", "collect", "--task", "no-such-task"], "folder"),
+    "robot videos": (["robot", "videos", "--demos", _M], "folder"),
+    "robot train": (["robot", "train", "--demos", _M], "folder"),
+    "robot eval": (["robot", "eval", "--policy", _M], "folder"),
+    "robot ppo": (["robot", "ppo", "--task", "no-such-task", "--checkpoint", _M, "--tokenizer", _M], "folder"),
+    "synth cater": (["synth", "cater", "--videos", "1", "--frames", "0"], "folder"),
+    "synth sta": (["synth", "sta", "--width", "3"], "folder"),
+    "scaling run": (["scaling", "run", "--grid", _M], "folder"),
+    "coordcheck": (["coordcheck", "--widths", "8"], "folder"),
+}
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    """Four 16 px images and a 32-code patch tokenizer for them (tokenize's inputs)."""
+    import numpy as np
+    from PIL import Image
+
+    from toto.tokenizers.patch import PatchTokenizer
+
+    root = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    (root / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+    PatchTokenizer.fit(rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8), n_codes=32, patch=8,
+                       resolution=16).save(root / "tok.safetensors")
+    return {"images": root / "img", "tok": root / "tok.safetensors"}
+
+
+def _hold(target, kind):
+    """Another process holding ``target``'s lock until it is killed."""
+    code = textwrap.dedent(f"""
+        import time
+        from toto.ioutil import dir_lock, file_lock
+        with {"dir_lock" if kind == "folder" else "file_lock"}({str(target)!r}):
+            print("held", flush=True)
+            time.sleep(120)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_every_writer_refuses_a_held_output_and_takes_over_a_dead_holders(command, data, media, tmp_path, capsys):
+    """A second job against a live holder of its output gets one line (exit 2) naming the output
+    and the holder; once the holder is SIGKILLed (its lock file stays, its flock does not) the
+    job gets past the lock, and releases it without leaving the file."""
+    argv, kind = WRITERS[command]
+    out = tmp_path / ("out" if kind == "folder" else "out.file")
+    lock = out / ".toto.lock" if kind == "folder" else tmp_path / ".out.file.lock"
+    flag = "--hf" if command == "export" else "--out"
+    argv = [a.format(tmp=tmp_path, shards=data, **media) for a in argv] + [flag, str(out)]
+    holder = _hold(out, kind)
+    try:
+        err = one_line_error(capsys, main(argv), str(out), "being written", f"pid {holder.pid}")
+        assert f"another toto {argv[0]}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists()  # what a killed holder leaves: a file without a lock
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert "being written" not in err and "Traceback" not in err, err
+    assert code in (0, 2), (code, err)
+    assert not lock.exists()
+
+
+@pytest.mark.parametrize("command", list(WRITERS))
+def test_every_writer_names_an_unwritable_output_in_one_line(command, data, media, tmp_path, capsys, monkeypatch):
+    """A read-only output folder (root ignores permission bits, so the kernel's EROFS is injected
+    where it would come: at the first file the job creates there) and an output path under a
+    file: one line naming the folder, exit 2, nothing created."""
+    import errno
+
+    argv, kind = WRITERS[command]
+    flag = "--hf" if command == "export" else "--out"
+    argv = [a.format(tmp=tmp_path, shards=data, **media) for a in argv]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    out = ro if kind == "folder" else ro / "out.file"
+    real_open = os.open
+
+    def read_only(path, flags, *a, **k):
+        if str(path).startswith(str(ro)) and flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "open", read_only)
+        one_line_error(capsys, main([*argv, flag, str(out)]), f"{ro}: read-only file system")
+    assert list(ro.iterdir()) == []
+
+    (tmp_path / "afile").write_text("x")
+    one_line_error(capsys, main([*argv, flag, str(tmp_path / "afile" / "out")]), f"{tmp_path / 'afile'}: not a folder")
+    if kind == "folder":
+        one_line_error(capsys, main([*argv, flag, str(tmp_path / "afile")]), f"{tmp_path / 'afile'}: is a file")
 
 
 def test_torn_last_metrics_line_is_tolerated_on_resume(data, tmp_path, capsys):
@@ -208,3 +342,50 @@ def test_torn_last_metrics_line_is_tolerated_on_resume(data, tmp_path, capsys):
     from toto.errors import DataError
     with pytest.raises(DataError, match=r"metrics.jsonl:3: not a JSON record"):
         read_jsonl(out / "metrics.jsonl")
+
+
+def test_a_tokenizer_of_the_same_shape_with_another_codebook_is_refused_on_resume(media, tmp_path, capsys):
+    """Two patch tokenizers that differ only in their codebook: `tokenize --resume`, `train
+    --resume` and `train --init-from` against the other one's shards are refused with one line
+    naming both weight fingerprints (the identity once compared shapes only)."""
+    import hashlib
+
+    import numpy as np
+
+    from toto.tokenizers.patch import PatchTokenizer
+
+    cb = np.random.default_rng(1).uniform(0, 255, (32, 8 * 8 * 3)).astype(np.float32)
+    codebooks = {"a": cb, "b": cb[::-1].copy()}  # same shape, same codes, other order
+    prints = {}
+    for name, codebook in codebooks.items():
+        PatchTokenizer(codebook, patch=8, resolution=16).save(tmp_path / f"{name}.safetensors")
+        prints[name] = hashlib.sha256(b"codebook" + codebook.tobytes()).hexdigest()[:16]  # tensor name + bytes
+    assert prints["a"] != prints["b"]
+
+    images = tmp_path / "img"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+    for i in range(64):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{i:02d}.png")
+
+    def tokenize(tok, out, *extra):
+        return main(["tokenize", str(images), "--tokenizer", str(tmp_path / f"{tok}.safetensors"), "--out",
+                     str(tmp_path / out), "--frames", "4", "--workers", "0", "--no-progress", *extra])
+
+    assert tokenize("a", "sa") == 0 and tokenize("b", "sb") == 0
+    capsys.readouterr()
+    index = (tmp_path / "sa" / "index.json").read_bytes()
+    one_line_error(capsys, tokenize("b", "sa", "--resume"), str(tmp_path / "sa"), prints["a"], prints["b"])
+    assert (tmp_path / "sa" / "index.json").read_bytes() == index  # nothing appended
+
+    assert train(tmp_path / "sa", tmp_path / "r", "--steps", "2") == 0
+    capsys.readouterr()
+    steps = steps_on_disk(tmp_path / "r")
+    one_line_error(capsys, main(["train", "--data", str(tmp_path / "sb"), "--out", str(tmp_path / "r"), "--resume",
+                                 "--steps", "3", "--no-progress"]), prints["a"], prints["b"])
+    assert steps_on_disk(tmp_path / "r") == steps
+    one_line_error(capsys, train(tmp_path / "sb", tmp_path / "r2", "--steps", "2", "--init-from", str(tmp_path / "r")),
+                   prints["a"], prints["b"])
+    assert not (tmp_path / "r2" / "checkpoints").exists()
+    assert train(tmp_path / "sa", tmp_path / "r3", "--steps", "2", "--init-from", str(tmp_path / "r")) == 0  # its own

@@ -18,8 +18,8 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .commands.argtypes import positive_int  # noqa: E402
-from .errors import user_error  # noqa: E402
-from .ioutil import dir_lock  # noqa: E402
+from .errors import DataError, user_error  # noqa: E402
+from .ioutil import dir_lock, file_lock  # noqa: E402
 
 # subcommands, each the module of that name under toto.commands, in the order `toto --help` shows them
 COMMANDS = ("quickstart", "tokenizer", "tokenize", "detokenize", "train", "probe", "lists", "finetune", "track",
@@ -96,6 +96,22 @@ def set_threads(n: int | None) -> None:
     torch.set_num_threads(n)
 
 
+def output_lock(args):
+    """The lock a writing job holds on its ``--out`` while it runs, so two jobs never write one
+    output (docs/training.md, "Run folders: one run, one writer"). A command module, or one
+    action of a grouped command (``set_defaults(_locks_out=...)``), declares ``LOCKS_OUT``:
+    True when ``--out`` is a folder, "file" when it is one file (refused at once when it names
+    a folder, not at the end of a long job). train, tokenize, detokenize and export, whose
+    output is not simply ``--out``, take the same lock themselves. A dry run writes nothing;
+    under torchrun only rank 0 writes, so only rank 0 takes it."""
+    kind = getattr(args, "_locks_out", False)
+    if not kind or getattr(args, "dry_run", False) or os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    if kind == "file" and os.path.isdir(args.out):
+        raise DataError(f"{args.out}: is a folder (a file name is expected here)")
+    return (file_lock if kind == "file" else dir_lock)(args.out, f"toto {args.command}")
+
+
 def _leave_process_group() -> None:
     """Under torchrun: every rank waits for the others to finish, then leaves the group, so no
     rank exits while another still talks to it (gloo aborts a rank whose peer vanished)."""
@@ -116,11 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         set_threads(args.threads)
-        # a command whose --out is a results folder (LOCKS_OUT) holds that folder's lock while it
-        # runs, so two jobs never write one folder; train and tokenize lock theirs themselves.
-        # Under torchrun only rank 0 writes, so only rank 0 takes it.
-        locks = args._locks_out and os.environ.get("RANK", "0") == "0"
-        with dir_lock(args.out, f"toto {args.command}") if locks else contextlib.nullcontext():
+        with output_lock(args):
             code = args._run(args)
             _leave_process_group()
         sys.stdout.flush()  # a closed pipe (`| head`) surfaces here, not at interpreter exit

@@ -150,30 +150,91 @@ def dir_lock(folder: str | Path, what: str = "job"):
     the other), so the second is refused with one line naming the holder. The lock is an
     ``flock`` on ``<folder>/.toto.lock``: the kernel drops it when its process dies, however it
     dies, so a killed job never leaves a stale lock behind (on one host; network file systems
-    without flock support are not covered). The file records who holds it, for the message."""
+    without flock support are not covered): the file it leaves is taken over by the next job."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: is a file (an output folder is expected here)")
+    with _flock(folder / LOCK_NAME, folder, "folder", what) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def file_lock(file: str | Path, what: str = "job"):
+    """The same lock for an output written whole at one path: a file (a tokenizer, a list, a
+    results JSON) or a folder swapped in whole (the HF export). An ``flock`` on the hidden
+    sibling ``.<name>.lock``, so two jobs writing one output conflict while jobs writing other
+    files of that folder do not."""
+    file = Path(file)
+    with _flock(file.with_name(f".{file.name}.lock"), file, "file", what) as path:
+        yield path
+
+
+@contextlib.contextmanager
+def _flock(path: Path, target: Path, kind: str, what: str):
+    """Hold an exclusive ``flock`` on the file ``path`` for ``target``; the file records who holds
+    it (for the second job's message) and is removed on release, with the folders made for it
+    if they are still empty (a job that fails early leaves nothing behind). Removing it is safe
+    because a job that got the lock checks the file it locked is still the one at ``path``
+    (else it locked a removed file and tries again)."""
     import fcntl
     import socket
     import time
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise DataError(f"{folder}: is a file (an output folder is expected here)")
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    above = path.parent.parents[len(made) - 1] if made else path.parent  # the nearest existing folder
+    if not above.is_dir():
+        raise DataError(f"{above}: not a folder (a file is in the way of {target})")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
-            raise FolderLockedError(f"{folder} is being written by another {what} ({holder}); wait for it "
-                                    f"to finish or use another output folder") from None
+        fd = _locked_fd(path, target, kind, what)
+    except BaseException:
+        _remove_empty(made)
+        raise
+    try:
         info = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         yield path
     finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while still holding it (see above)
         os.close(fd)  # releases the flock
+        _remove_empty(made)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in folders:  # innermost first
+        try:
+            d.rmdir()
+        except OSError:  # not empty (the job wrote there), or gone
+            return
+
+
+def _locked_fd(path: Path, target: Path, kind: str, what: str) -> int:
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a read-only or forbidden folder: name it, not our lock file
+            raise OSError(e.errno, e.strerror, str(path.parent)) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderLockedError(f"{target} is being written by another {what} ({holder}); wait for it "
+                                    f"to finish or use another output {kind}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(fd).st_ino:
+            return fd
+        os.close(fd)  # the holder removed it between our open and our lock: lock the new one
 
 
 def run_files(folder: str | Path) -> list[Path]:
@@ -182,6 +243,13 @@ def run_files(folder: str | Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.name != LOCK_NAME)
+
+
+def clear_folder(folder: str | Path) -> None:
+    """Delete what a run folder holds but its lock (``--overwrite``, ``--fresh``): removing the
+    held lock file too would let a second job lock a new one while this one still writes."""
+    for p in run_files(folder):
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 CHECKSUMS = "checksums.json"

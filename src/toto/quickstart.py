@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, TotoError
+from .ioutil import clear_folder
 
 
 TINY_STEPS = 400  # pre-training steps of the tiny quickstart (4096 tokens each)
@@ -269,8 +270,8 @@ class Quickstart:
         ]
 
     def run(self) -> Path:
-        if self.o.fresh and self.o.out.exists():
-            shutil.rmtree(self.o.out)
+        if self.o.fresh:
+            clear_folder(self.o.out)  # not its lock (cli.main holds it)
         self.o.out.mkdir(parents=True, exist_ok=True)
         todo = self.stages()
         for i, (name, what, marker) in enumerate(todo, 1):

@@ -19,6 +19,7 @@ def add_arguments(p):
     for name, mod in (("train", anticipate_train), ("predict", anticipate_predict)):
         q = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
         mod.add_arguments(q)
+        q.set_defaults(_locks_out=mod.LOCKS_OUT)
 
 
 def run(args) -> int:

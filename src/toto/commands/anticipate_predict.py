@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+LOCKS_OUT = "file"  # cli.main holds --out's lock while this runs
 HELP = "write challenge-format STA results (version 1.0) for an annotation file from a trained run"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 HELP = "train the STA heads (verb, TTC) on Toto's 5-layer pyramid, frozen or fine-tuned"
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .argtypes import positive_float, positive_int
 
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 HELP = "muP coordinate check: activation size vs width under SP and muP (plot + JSON)"
 
 

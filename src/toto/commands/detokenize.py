@@ -85,14 +85,15 @@ def output_prefix(out: str, index: int) -> Path:
 
 
 def run(args) -> int:
+    from ..ioutil import file_lock
     from ..tokenizers.base import get_tokenizer
 
-    tok = get_tokenizer(args.tokenizer)
     prefix = output_prefix(args.out, args.index)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    frames, kind = decode_sequence(args.data, tok, args.index)
-    anim = write_animation(frames, prefix, args.format, args.fps)
-    strip = write_strip(frames, f"{prefix}.png")
+    with file_lock(prefix, "toto detokenize"):  # PREFIX.mp4/.png: one writer (cli.output_lock)
+        tok = get_tokenizer(args.tokenizer)
+        frames, kind = decode_sequence(args.data, tok, args.index)
+        anim = write_animation(frames, prefix, args.format, args.fps)
+        strip = write_strip(frames, f"{prefix}.png")
     print(f"sequence {args.index} ({kind}, {len(frames)} frames of {frames.shape[1]}x{frames.shape[2]}): "
           f"{anim}, {strip}")
     return 0

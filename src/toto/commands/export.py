@@ -19,8 +19,10 @@ def run(args) -> int:
     import torch
 
     from ..export import export_checkpoint
+    from ..ioutil import file_lock
 
-    out = export_checkpoint(args.checkpoint, args.hf, getattr(torch, DTYPES[args.dtype]))
+    with file_lock(args.hf, "toto export"):  # the folder is swapped in whole: locked like a file (cli.output_lock)
+        out = export_checkpoint(args.checkpoint, args.hf, getattr(torch, DTYPES[args.dtype]))
     print(f"wrote {out}/config.json and {out}/model.safetensors "
           f"(load with transformers.LlamaForCausalLM.from_pretrained({str(out)!r}))")
     return 0

@@ -22,6 +22,7 @@ def add_arguments(p):
     im.add_argument("--meta", help="devkit meta.mat mapping ILSVRC2012_ID to WNID")
     im.add_argument("--train-dir", help="train folder of class folders: every label must be one of them")
     im.add_argument("--out", required=True, help="list file to write, e.g. ROOT/val.txt")
+    im.set_defaults(_locks_out="file")  # cli.main holds --out's lock while this runs
     ki = sub.add_parser("kinetics", help="find Kinetics clips of an annotation CSV on disk",
                         description="Find the clips of a Kinetics-400/600/700 annotation CSV under the given "
                                     "folders by their canonical names; missing clips are counted, not errors.")
@@ -31,6 +32,7 @@ def add_arguments(p):
                          "(repeatable)")
     ki.add_argument("--max-per-class", type=positive_int, help="keep at most this many found clips per class (CSV order)")
     ki.add_argument("--out", required=True, help="list file to write, e.g. ROOT/val.txt")
+    ki.set_defaults(_locks_out="file")
     ca = sub.add_parser("cater", help="CATER snitch localisation: the release's lists/localize/{train,val}.txt",
                         description="Check the videos of a CATER release (or of `toto synth cater`) named by "
                                     "lists/localize/{train,val}.txt and write OUT/{train,val}.txt for toto probe / "
@@ -45,6 +47,7 @@ def add_arguments(p):
                     help="source frames between sampled frames (default: the largest whose window fits the first "
                          "listed video, 20 for 16 frames of CATER's 301)")
     ca.add_argument("--task", default="localize", help="lists/ subfolder (default localize; localize_4x4 ... too)")
+    ca.set_defaults(_locks_out=True)
 
 
 def run(args) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 
+LOCKS_OUT = True  # every action's --out is a folder; cli.main holds its lock while it runs
 HELP = "robot manipulation (Meta-World in MuJoCo, LeRobot demos): collect expert demos, behaviour cloning and PPO on frozen Toto features, evaluate"
 
 

@@ -19,6 +19,7 @@ def add_arguments(p):
     r.add_argument("--out", required=True, metavar="DIR", help="sweep folder (runs/, results.jsonl)")
     r.add_argument("--data", metavar="DIR", help="token shard folder, or several as a,b (a weighted mix: set data.weights in the grid's base); overrides the grid's data:")
     r.add_argument("--dry-run", action="store_true", help="list the runs with params, tokens and FLOPs; train nothing")
+    r.set_defaults(_locks_out=True)  # cli.main holds --out's lock while this runs
 
     f = sub.add_parser("fit", help="fit L(C) = a C^b to the compute-optimal frontier; JSON + plot",
                        description="Fit L(C) = a C^b (and optionally + L_inf) to the lowest validation loss "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 HELP = "synthetic datasets: CATER-style object-permanence scenes (MuJoCo), Ego4D-style STA releases"
 
 

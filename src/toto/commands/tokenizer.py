@@ -22,7 +22,7 @@ def add_arguments(p):
     c.add_argument("--decoder", required=True, metavar="PKL", help="decoder.pkl (torch.save of dall_e.Decoder)")
     c.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
     c.add_argument("--resolution", type=positive_int, default=128, help="frame size the tokenizer is used at (default 128)")
-    c.set_defaults(_action=_convert)
+    c.set_defaults(_action=_convert, _locks_out="file")  # cli.main holds --out's lock
 
     v = sub.add_parser("convert-vqgan", help="convert a taming-transformers VQGAN checkpoint (last.ckpt) into one "
                                              "safetensors file",
@@ -36,7 +36,7 @@ def add_arguments(p):
     v.add_argument("--out", required=True, metavar="FILE", help="output .safetensors file")
     v.add_argument("--resolution", type=int, default=256,
                    help="frame size the tokenizer is used at (default 256: a 16x16 grid at f16; 128 gives 8x8)")
-    v.set_defaults(_action=_convert_vqgan)
+    v.set_defaults(_action=_convert_vqgan, _locks_out="file")
 
     t = sub.add_parser("train", help="train a tokenizer on frames from videos and images",
                        description="Train a dVAE (Gumbel-softmax, KL to a uniform prior, logit-Laplace loss) or fit "
@@ -64,7 +64,7 @@ def add_arguments(p):
     d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
     pt = t.add_argument_group("patch options")
     pt.add_argument("--patch", type=positive_int, default=8, help="patch size in pixels (default 8)")
-    t.set_defaults(_action=_train)
+    t.set_defaults(_action=_train, _locks_out="file")
 
     i = sub.add_parser("info", help="print a tokenizer file's identity (kind, codes, resolution, config)")
     i.add_argument("file", metavar="FILE")

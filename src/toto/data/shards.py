@@ -97,12 +97,15 @@ class ShardWriter:
             self._write_index()
 
     def _check_resume(self, tokenizer: dict) -> None:
+        from ..tokenizers.base import check_identity
+
         idx = self.index
         mine = {"vocab": self.layout.to_dict(), "grid": list(self.geometry.grid),
-                "frames_per_sequence": self.geometry.frames_per_sequence, "tokenizer": tokenizer}
+                "frames_per_sequence": self.geometry.frames_per_sequence}
         for k, v in mine.items():
             if idx.get(k) != v:
                 raise DataError(f"cannot resume {self.dir}: its {k} is {idx.get(k)!r}, this run has {v!r}")
+        check_identity(idx.get("tokenizer"), tokenizer, f"cannot resume: {self.dir}", DataError)  # the one check
 
     @property
     def meta(self) -> dict:

@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import math
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,8 @@ from ..config import Config, data_paths, validate
 from ..data.loader import val_batches
 from ..data.mix import describe_sources, make_loader, mix_weights, open_shards, split_sources
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..ioutil import append_jsonl, atomic_write_bytes, atomic_write_json, dir_lock, read_jsonl, run_files
+from ..ioutil import (append_jsonl, atomic_write_bytes, atomic_write_json, clear_folder, dir_lock, read_jsonl,
+                      run_files)
 from ..model.llama import Toto
 from ..tokenizers.base import IDENTITY_KEYS, check_identity
 from . import checkpoint as ckpt
@@ -160,8 +160,7 @@ class Trainer:
         if self.dist.is_main:
             self._lock.enter_context(dir_lock(self.out, "toto train"))
             if overwrite:
-                for p in run_files(self.out):
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                clear_folder(self.out)
         barrier()
 
     def close(self) -> None:
