@@ -190,7 +190,8 @@ def _kinetics(tmp_path: Path) -> dict:
 
 
 def test_kinetics_lists_read_by_scan_and_features(tmp_path, capsys):
-    from toto.eval.features import FeatureExtractor, SequenceSpec, check_compatible
+    from toto.eval.backbone import check_compatible
+    from toto.eval.features import FeatureExtractor, SequenceSpec
     from toto.tokenizers.base import get_tokenizer
     from toto.train.checkpoint import load_model
 

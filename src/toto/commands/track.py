@@ -55,7 +55,7 @@ def build_features(args):
         raise ConfigError("--features model needs --checkpoint and --tokenizer "
                           "(or use --features pixels / copy-first)")
     from ..eval.features import SequenceSpec
-    from ..tasks.base import load_backbone
+    from ..eval.backbone import load_backbone
 
     device = resolve_device(args.device)
     # identity, vocabulary and one frame's context checked here; a video window's context once

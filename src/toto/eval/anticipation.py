@@ -445,22 +445,14 @@ def read_head(run: str | Path) -> tuple[dict, dict]:
     return json.loads((run / "sta.json").read_text()), load_file(str(run / "sta.safetensors"))
 
 
-def load_trunk(checkpoint, tokenizer_path, frames: int, stride: int, device, random_init: bool, seed: int):
-    """Toto (or the same architecture at random init, seeded) + tokenizer + vocabulary layout,
-    refusing a tokenizer the checkpoint cannot take."""
-    from ..model.llama import Toto
-    from ..tokenizers.base import get_tokenizer
-    from ..train.checkpoint import load_model, resolve_checkpoint
-    from .features import SequenceSpec, check_compatible
+def load_trunk(checkpoint, tokenizer_path, cfg: StaConfig, device, random_init: bool):
+    """(trunk, backbone): the one loader's checks (toto.eval.backbone) for ``cfg.frames``-frame
+    clips; the trunk is the trained model or its random-init baseline (seeded by ``cfg.seed``)."""
+    from .backbone import load_backbone
+    from .features import SequenceSpec
 
-    tok = get_tokenizer(tokenizer_path, device=str(device))
-    ckpt = resolve_checkpoint(checkpoint)
-    model, mcfg, state = load_model(ckpt, device)
-    layout = check_compatible(mcfg.model, state, tok, SequenceSpec("video", frames, stride), str(ckpt))
-    if random_init:
-        torch.manual_seed(seed)
-        model = Toto(mcfg.model).to(device).eval()
-    return model, tok, layout, ckpt
+    bb = load_backbone(checkpoint, tokenizer_path, SequenceSpec("video", cfg.frames, cfg.stride), device)
+    return (bb.random_init(cfg.seed) if random_init else bb.model), bb
 
 
 def split_paths(annotations: str | Path) -> dict[str, Path]:
@@ -497,8 +489,8 @@ def train_job(checkpoint, tokenizer, annotations, clips, detections, out, cfg: S
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device_name)
-    model, tok, layout, ckpt = load_trunk(checkpoint, tokenizer, cfg.frames, cfg.stride, device, random_init,
-                                          cfg.seed)
+    model, bb = load_trunk(checkpoint, tokenizer, cfg, device, random_init)
+    tok, layout, ckpt = bb.tokenizer, bb.layout, bb.path
     layers = pyramid_layers(len(model.layers))
     paths = split_paths(annotations)
     train_split, train_ex = read_split(paths["train"], clips, detections, cfg, tok.resolution, progress=progress)
@@ -538,8 +530,8 @@ def predict_job(run, annotations_file, clips, detections, out, detections_only_m
     meta, tensors = read_head(run)
     cfg = StaConfig(**meta["config"])
     device = resolve_device(device_name)
-    model, tok, layout, _ = load_trunk(meta["checkpoint"], meta["tokenizer"], cfg.frames, cfg.stride, device,
-                                       meta["random_init"], cfg.seed)
+    model, bb = load_trunk(meta["checkpoint"], meta["tokenizer"], cfg, device, meta["random_init"])
+    tok, layout = bb.tokenizer, bb.layout
     nouns, verbs = meta["nouns"], meta["verbs"]
     from ..data.sta import read_annotations
 

@@ -71,19 +71,17 @@ def format_table(rows: dict[str, dict]) -> str:
 # -- the evaluation: frozen probe and fine-tuning (CE + next-token loss) vs random init vs oracle --
 
 def random_init_checkpoint(src, out_dir) -> "Path":
-    """A step-0 checkpoint of ``src``'s architecture with fresh weights (the Trainer's seeding
-    rule), so the random-init baseline runs through exactly the same code as the trained model."""
-    import torch
-
-    from ..model.llama import Toto
-    from ..train.checkpoint import latest_checkpoint, load_model, save_checkpoint
+    """A step-0 checkpoint of ``src``'s architecture with the one loader's random-init weights
+    (toto.eval.backbone.random_init), so the baseline runs through exactly the same code as the
+    trained model."""
+    from ..train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+    from .backbone import random_init
 
     done = latest_checkpoint(out_dir)
     if done is not None:
         return done
-    _, cfg, state = load_model(src, "cpu")
-    torch.manual_seed(cfg.train.seed)
-    return save_checkpoint(out_dir, 0, Toto(cfg.model), cfg, {**state, "step": 0}, keep=1)
+    cfg, state, _ = read_checkpoint(src)
+    return save_checkpoint(out_dir, 0, random_init(cfg), cfg, {**state, "step": 0}, keep=1)
 
 
 def scores_by_cell(pred) -> tuple[np.ndarray, np.ndarray]:
@@ -102,24 +100,21 @@ def frozen_probe(ckpt, tokenizer: str, data, out, frames: int, stride: int, laye
     from pathlib import Path
 
     from ..device import resolve_device
-    from ..tokenizers.base import get_tokenizer
-    from ..train.checkpoint import load_model
-    from .features import FeatureExtractor, SequenceSpec, check_compatible, file_identity, scan_dataset
+    from .backbone import load_backbone
+    from .features import FeatureExtractor, SequenceSpec, scan_dataset
     from .finetune import write_predictions
     from ..tasks.base import Split, predict
     from .probe import ProbeConfig, probe_key, train_probe
 
     out = Path(out)
     dev = resolve_device(device)
-    tok = get_tokenizer(tokenizer, device=str(dev))
     ds = scan_dataset(data)
     spec = SequenceSpec(ds.kind, frames, stride, "last")
-    model, cfg, state = load_model(ckpt, dev)
-    layout = check_compatible(cfg.model, state, tok, spec, str(ckpt))
-    layer = cfg.model.n_layers // 2 if layer is None else layer
-    ident = {"model": {"checkpoint": file_identity(Path(ckpt) / "model.safetensors")},
-             "tokenizer": {**tok.identity(), "file": file_identity(tokenizer)}}
-    feats, _ = FeatureExtractor(model, layout, tok, spec, [layer], ident, dev, batch_size=batch_size,
+    bb = load_backbone(ckpt, tokenizer, spec, dev)
+    cfg = bb.cfg
+    layer = bb.check_layers([cfg.model.n_layers // 2 if layer is None else layer])[0]
+    ident = {"model": {"checkpoint": bb.identity["checkpoint"]}, "tokenizer": bb.tok_id}
+    feats, _ = FeatureExtractor(bb.model, bb.layout, bb.tokenizer, spec, [layer], ident, dev, batch_size=batch_size,
                                 progress=progress).run(ds, out / "features")
     pcfg = ProbeConfig(epochs=epochs)
     val = Split(feats["val"].labels.numpy(), features={0: feats["val"].layer(layer)})

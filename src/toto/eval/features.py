@@ -38,10 +38,10 @@ from tqdm import tqdm
 from ..data.images import read_image
 from ..data.media import media_kind
 from ..data.video import clip_windows, frame_count_hint, iter_video
-from ..errors import CheckpointError, ConfigError, DataError
+from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_json, read_json, read_lines
 from ..train.optim import autocast_for
-from ..vocab import N_SPECIAL, VocabLayout, token_dtype
+from ..vocab import VocabLayout, token_dtype
 
 SPLITS = ("train", "val")
 CACHE_VERSION = 1
@@ -241,32 +241,6 @@ def iter_codes(samples: list[Sample], indices: list[int], tokenizer, spec: Seque
             codes = tokenizer.encode(np.concatenate(clips))  # (B*F, h, w)
             yield codes.reshape(len(clips), n_frames, *codes.shape[1:]), labels, kept
             clips, labels, kept = [], [], []
-
-
-def check_compatible(model_cfg, state: dict, tokenizer, spec: SequenceSpec, where: str) -> VocabLayout:
-    """Refuse a checkpoint whose tokenizer (kind, size, resolution, weights), vocabulary or
-    context differs from this tokenizer's sequences: the one check every evaluation runs."""
-    from ..tokenizers.base import check_identity
-
-    check_identity(state.get("tokenizer"), tokenizer, f"checkpoint {where}", CheckpointError)
-    layout = VocabLayout(n_codes=tokenizer.n_codes)
-    if model_cfg.vocab_size != layout.vocab_size:
-        raise CheckpointError(
-            f"{where}: model vocabulary is {model_cfg.vocab_size} ids but the tokenizer has "
-            f"{tokenizer.n_codes} codes (+{N_SPECIAL} specials = {layout.vocab_size}); use the tokenizer "
-            f"the model was trained with")
-    saved = state.get("vocab")
-    if saved and VocabLayout.from_dict(saved) != layout:
-        raise CheckpointError(f"{where}: the checkpoint's vocabulary layout {saved} differs from {layout.to_dict()}")
-    h, w = tokenizer.grid
-    n_frames = spec.frames if spec.kind == "video" else 1
-    need = 1 + n_frames * h * w
-    if need > model_cfg.max_seq_len:
-        raise CheckpointError(
-            f"{where}: a {spec.kind} sequence of {n_frames} frame(s) x {h}x{w} codes needs {need} positions "
-            f"but the model context is max_seq_len={model_cfg.max_seq_len}; use fewer frames or a lower "
-            f"tokenizer resolution")
-    return layout
 
 
 # -- extraction and cache ---------------------------------------------------------------------

@@ -145,9 +145,7 @@ class FinetuneJob:
                       resume=self.resume, keep=self.keep, progress=self.progress)
         bb = run.load(task.spec)
         n_layers = bb.cfg.model.n_layers
-        layer = n_layers // 2 if cfg.layer is None else cfg.layer
-        if not 0 <= layer <= n_layers:
-            raise ConfigError(f"--layer {layer} out of range: this model has layers 0..{n_layers}")
+        layer = bb.check_layers([n_layers // 2 if cfg.layer is None else cfg.layer])[0]
         cfg = replace(cfg, layer=layer)
         task.probes = {"probe": (layer, "attentive")}
 

@@ -299,20 +299,17 @@ def training_stride(cfg) -> tuple[int, str]:
 
 
 def load_for_forecast(checkpoint: str | Path, tokenizer_path: str | Path, s: ForecastSettings):
-    """(model, config, state, tokenizer, layout, device) with the vocabulary and context checked;
-    an unset ``s.stride`` is filled in from the training data (``s.stride_source`` says where)."""
-    from ..eval.features import SequenceSpec, check_compatible
-    from ..tokenizers.base import get_tokenizer
-    from ..train.checkpoint import load_model
+    """(backbone, device): the checkpoint and tokenizer through the one loader
+    (toto.eval.backbone), checked against context + forecast frames; an unset ``s.stride`` is
+    filled in from the training data first (``s.stride_source`` says where)."""
+    from ..eval.features import SequenceSpec
+    from ..train.checkpoint import read_config
+    from .backbone import load_backbone
 
     device = resolve_device(s.device)
-    model, cfg, state = load_model(checkpoint, device)
-    tok = get_tokenizer(tokenizer_path, device=str(device))
-    where = state["path"]
     if s.stride is None:
-        s.stride, s.stride_source = training_stride(cfg)
-    layout = check_compatible(cfg.model, state, tok, SequenceSpec("video", s.total_frames, s.stride), where)
-    return model, cfg, state, tok, layout, device
+        s.stride, s.stride_source = training_stride(read_config(checkpoint))
+    return load_backbone(checkpoint, tokenizer_path, SequenceSpec("video", s.total_frames, s.stride), device), device
 
 
 def forecast(model, layout: VocabLayout, tokenizer, items: list[ForecastInput], s: ForecastSettings,

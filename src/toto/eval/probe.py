@@ -225,10 +225,7 @@ class ProbeJob:
                       cache=self.cache, resume=self.resume, progress=self.progress)
         bb = run.load(task.spec)
         n_layers = bb.cfg.model.n_layers
-        layers = sorted(set(self.layers)) if self.layers else list(range(n_layers + 1))
-        bad = [l for l in layers if not 0 <= l <= n_layers]
-        if bad:
-            raise ConfigError(f"--layers {bad} out of range: this model has layers 0..{n_layers}")
+        layers = bb.check_layers(sorted(set(self.layers)) if self.layers else range(n_layers + 1), "--layers")
         task.probes = {probe_key(l, p): (l, p) for l in layers for p in poolings}
         ds = task.ds
         report = {

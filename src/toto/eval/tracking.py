@@ -115,7 +115,7 @@ class PixelFeatures:
 
 class ModelFeatures:
     """Hidden states of a frozen toto model at ``layer`` for each frame's tokens; ``model`` and
-    ``tokenizer`` as ``toto.tasks.base.load_backbone`` checked them to belong together."""
+    ``tokenizer`` as ``toto.eval.backbone.load_backbone`` checked them to belong together."""
 
     name = "model"
 

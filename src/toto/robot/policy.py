@@ -63,28 +63,14 @@ class TotoEncoder:
     @classmethod
     def load(cls, checkpoint: str | Path, tokenizer: str | Path, layers: list[int], context: int,
              random_init: bool = False, device: str | torch.device = "cpu") -> "TotoEncoder":
-        from ..eval.features import SequenceSpec, check_compatible
-        from ..model.llama import Toto
-        from ..tokenizers.base import get_tokenizer
-        from ..train.checkpoint import load_model, resolve_checkpoint
+        from ..eval.backbone import load_backbone
+        from ..eval.features import SequenceSpec
 
-        ckpt = resolve_checkpoint(checkpoint)
-        tok = get_tokenizer(tokenizer, device=str(device))
-        model, cfg, state = load_model(ckpt, device)
         spec = SequenceSpec("video" if context > 1 else "image", frames=context, stride=1)
-        layout = check_compatible(cfg.model, state, tok, spec, str(ckpt))
-        saved_tok = state.get("tokenizer")
-        if saved_tok and saved_tok != json.loads(json.dumps(tok.identity())):
-            raise CheckpointError(f"{ckpt}: trained with a different tokenizer ({saved_tok.get('kind')}, "
-                                  f"{saved_tok.get('n_codes')} codes) than {tokenizer}; use the one it was "
-                                  f"trained with")
-        bad = [l for l in layers if not 0 <= l <= cfg.model.n_layers]
-        if bad or not layers:
-            raise ConfigError(f"--layers {bad or layers} out of range: this model has layers 0..{cfg.model.n_layers}")
-        if random_init:  # the run's step-0 weights, as `toto probe --random-init` builds them
-            torch.manual_seed(cfg.train.seed)
-            model = Toto(cfg.model).to(device)
-        return cls(model, layout, tok, layers, context)
+        bb = load_backbone(checkpoint, tokenizer, spec, device)
+        bb.check_layers(layers, "--layers")
+        model = bb.random_init() if random_init else bb.model  # random_init: the run's step-0 weights
+        return cls(model, bb.layout, bb.tokenizer, layers, context)
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> torch.Tensor:

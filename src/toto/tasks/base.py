@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, TrainingError
+from ..eval.backbone import Backbone, load_backbone
 from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir,
                       read_jsonl, verify_checksums)
 from ..train.optim import adamw, autocast_for, cosine_lr, param_groups, set_lr, shift_targets
@@ -549,52 +550,6 @@ def rank0_first(fn: Callable):
 
 
 # -- a whole task job: load, read, train, score -----------------------------------------------------
-
-
-@dataclass
-class Backbone:
-    """A checkpoint and the tokenizer it was trained with, checked to belong together (tokenizer
-    identity, vocabulary, context length: ``check_compatible``), on the job's device."""
-
-    path: Path
-    model: nn.Module
-    cfg: object  # toto.config.Config
-    state: dict
-    tokenizer: object
-    layout: object  # toto.vocab.VocabLayout
-    tok_id: dict  # the tokenizer's identity and file: part of every cache key and run identity
-
-    @property
-    def identity(self) -> dict:
-        from ..eval.features import file_identity
-
-        return {"checkpoint": file_identity(self.path / "model.safetensors"), "step": self.state.get("step")}
-
-    def models(self, random_init: bool) -> dict[str, tuple[nn.Module, dict]]:
-        """``{"trained": (model, identity)}`` and, with ``random_init``, the baseline: the same
-        architecture drawn as the Trainer draws a run's step-0 weights (its seed)."""
-        out = {"trained": (self.model, self.identity)}
-        if random_init:
-            from ..model.llama import Toto
-
-            torch.manual_seed(self.cfg.train.seed)
-            out["random_init"] = (Toto(self.cfg.model).to(self.model.head.weight.device).eval(),
-                                  {"random_init": dict(self.cfg.model.__dict__), "seed": self.cfg.train.seed})
-        return out
-
-
-def load_backbone(checkpoint: str | Path, tokenizer: str | Path, spec, device) -> Backbone:
-    """``spec`` (toto.eval.features.SequenceSpec): the sequences the task will feed, checked
-    against the model's context."""
-    from ..eval.features import check_compatible, file_identity
-    from ..tokenizers.base import get_tokenizer
-    from ..train.checkpoint import load_model, resolve_checkpoint
-
-    tok = get_tokenizer(tokenizer, device=str(device))
-    path = resolve_checkpoint(checkpoint)
-    model, cfg, state = load_model(path, device)
-    layout = check_compatible(cfg.model, state, tok, spec, str(path))
-    return Backbone(path, model, cfg, state, tok, layout, {**tok.identity(), "file": file_identity(tokenizer)})
 
 
 def make_optimizer(model: TaskModel, lr: float, head_lr: float, weight_decay: float, device) -> torch.optim.AdamW:
