@@ -6,9 +6,14 @@ hidden case needs permanence), and the "last place seen" oracle that needs no re
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 
 from ..data.cater import CLASSES, GRID
+from ..errors import DataError
+from ..tasks.classify import ClassifyTask
 
 
 def _block(rank: np.ndarray, labels: np.ndarray) -> dict:
@@ -68,119 +73,116 @@ def format_table(rows: dict[str, dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-# -- the evaluation: frozen probe and fine-tuning (CE + next-token loss) vs random init vs oracle --
-
-def random_init_checkpoint(src, out_dir) -> "Path":
-    """A step-0 checkpoint of ``src``'s architecture with the one loader's random-init weights
-    (toto.eval.backbone.random_init), so the baseline runs through exactly the same code as the
-    trained model."""
-    from ..train.checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
-    from .backbone import random_init
-
-    done = latest_checkpoint(out_dir)
-    if done is not None:
-        return done
-    cfg, state, _ = read_checkpoint(src)
-    return save_checkpoint(out_dir, 0, random_init(cfg), cfg, {**state, "step": 0}, keep=1)
+# -- the task and the job: frozen probe and fine-tuning (CE + next-token loss) vs random init vs oracle --
 
 
-def scores_by_cell(pred) -> tuple[np.ndarray, np.ndarray]:
-    """A ``val_predictions.npz`` -> ``(scores (N, 36), labels (N,))`` indexed by grid cell (the
-    probe's classes are the label texts present in train, in sorted order)."""
-    cells = np.array([int(c) for c in pred["classes"]])
-    scores = np.full((len(pred["logits"]), CLASSES), -np.inf, dtype=np.float64)
-    scores[:, cells] = pred["logits"]
-    return scores, cells[pred["labels"]]
+def cell_scores(logits, classes) -> np.ndarray:
+    """``logits (N, C)`` over the probe's classes (label texts, i.e. the cells present in train)
+    -> ``(N, 36)`` indexed by grid cell, ``-inf`` for a cell the probe cannot name."""
+    cells = np.array([int(c) for c in classes])
+    scores = np.full((len(logits), CLASSES), -np.inf, dtype=np.float64)
+    scores[:, cells] = np.asarray(logits, dtype=np.float64)
+    return scores
 
 
-def frozen_probe(ckpt, tokenizer: str, data, out, frames: int, stride: int, layer: int | None, epochs: int,
-                 batch_size: int, device: str, progress: bool) -> int:
-    """An attentive probe on one layer of the frozen model (features cached once, as toto probe
-    does); writes ``out/val_predictions.npz`` like toto finetune and returns the layer."""
-    from pathlib import Path
+class CaterTask(ClassifyTask):
+    """Snitch localisation on the framework (toto.tasks.base): the classification task's reader
+    (``toto lists cater``'s list files -> the window of ``frames`` ending at the last frame ->
+    token sequences, class = the cell's label text) and attentive probe, scored by CATER's
+    metric: top-1 / top-5 / L1 in cells, overall and on clips whose snitch is hidden or visible
+    at the end (``videos``: ``cater.json``'s per-video entries, keyed by file name)."""
 
-    from ..device import resolve_device
-    from .backbone import load_backbone
-    from .features import FeatureExtractor, SequenceSpec, scan_dataset
-    from .finetune import write_predictions
-    from ..tasks.base import Split, predict
-    from .probe import ProbeConfig, probe_key, train_probe
+    def __init__(self, data, videos: dict[str, dict], frames: int, stride: int, batch_size: int):
+        super().__init__(data, {}, frames=frames, stride=stride, clip="last", batch_size=batch_size)
+        self.videos = videos
 
-    out = Path(out)
-    dev = resolve_device(device)
-    ds = scan_dataset(data)
-    spec = SequenceSpec(ds.kind, frames, stride, "last")
-    bb = load_backbone(ckpt, tokenizer, spec, dev)
-    cfg = bb.cfg
-    layer = bb.check_layers([cfg.model.n_layers // 2 if layer is None else layer])[0]
-    ident = {"model": {"checkpoint": bb.identity["checkpoint"]}, "tokenizer": bb.tok_id}
-    feats, _ = FeatureExtractor(bb.model, bb.layout, bb.tokenizer, spec, [layer], ident, dev, batch_size=batch_size,
-                                progress=progress).run(ds, out / "features")
-    pcfg = ProbeConfig(epochs=epochs)
-    val = Split(feats["val"].labels.numpy(), features={0: feats["val"].layer(layer)})
-    _, probe = train_probe(feats["train"].layer(layer), feats["train"].labels, val.features[0], val.targets,
-                           len(ds.classes), "attentive", pcfg, cfg.model.n_heads, dev)
-    logits = predict(probe, val, pcfg.batch_size, dev)[0][probe_key(0, "attentive")]
-    paths = [str(ds.splits["val"][int(i)].path) for i in feats["val"].samples()]
-    write_predictions(out / "val_predictions.npz", logits, feats["val"].labels.numpy(), paths, ds.classes)
-    return layer
+    def read(self, *args, **kwargs):
+        splits = super().read(*args, **kwargs)
+        self.val_names = [Path(p).name for p in self.val_paths()]
+        return splits
+
+    def val_paths(self) -> list[str]:
+        """The val clips the split holds, in its order (unreadable ones left out)."""
+        bad = {x["path"] for x in self.tokens["val"].skipped}
+        return [str(s.path) for s in self.ds.splits["val"] if str(s.path) not in bad]
+
+    def metrics(self, logits, targets) -> dict:
+        cells = np.array([int(c) for c in self.ds.classes])
+        hidden = [self.videos.get(n, {}).get("hidden") for n in self.val_names]
+        return localization_metrics(cell_scores(logits, self.ds.classes), cells[np.asarray(targets)],
+                                    hidden if len(hidden) == len(targets) else None)
 
 
 def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, stride: int = 2,
              layer: int | None = None, probe_epochs: int = 10, finetune_epochs: int = 3,
              random_init: bool = True, batch_size: int = 8, device: str = "auto", progress: bool = True,
              finetune_cfg: dict | None = None) -> dict:
-    """Frozen attentive probe (features cached once, as toto probe) and fine-tuning (CE +
-    next-token loss) of ``checkpoint`` and, with ``random_init``, of the same architecture at
-    random init, on the last ``frames`` frames of each video of ``data`` (``toto lists cater``'s
-    folder); the oracle from its ``cater.json``. Writes ``out/results.json`` and ``results.md``;
-    each run resumes from its own checkpoints."""
-    import json
-    from pathlib import Path
-
+    """``CaterTask`` run by the framework's ``TaskRun`` twice on one token cache: frozen (an
+    attentive probe on one layer, ``toto probe``'s settings) and fine-tuned (CE + next-token
+    loss, ``toto finetune``'s), each on ``checkpoint`` and, with ``random_init``, on the same
+    architecture at random init; the oracle from ``data``'s ``cater.json``. Writes
+    ``out/results.json`` and ``results.md``; ``out/<mode>/<model>/`` holds each run's per-epoch
+    state (a rerun resumes it) and ``val_predictions.npz``."""
     from ..ioutil import atomic_write_bytes, atomic_write_json
-    from ..train.checkpoint import latest_checkpoint, resolve_checkpoint
-    from .finetune import FinetuneConfig, FinetuneJob
+    from ..tasks.base import TaskRun, world
+    from .finetune import FinetuneConfig, write_predictions
+    from .probe import ProbeConfig
 
     out, data = Path(out), Path(data)
     meta_path = data / "cater.json"
     if not meta_path.is_file():
-        from ..errors import DataError
-
         raise DataError(f"{data}: no cater.json; make the folder with toto lists cater")
     videos = {Path(k).name: v for k, v in json.loads(meta_path.read_text())["videos"].items()}
-    models = {"trained": resolve_checkpoint(checkpoint)}
-    if random_init:
-        models["random_init"] = random_init_checkpoint(models["trained"], out / "random_init_model")
-    rows, report = {}, {"data": str(data), "frames": frames, "stride": stride, "clip": "last", "runs": {}}
-    val_names = None
-    for name, ckpt in models.items():
-        for mode, epochs in (("frozen", probe_epochs), ("finetuned", finetune_epochs)):
-            if epochs <= 0:
-                continue
-            d = out / f"{name}_{mode}"
-            if mode == "frozen":
-                used = frozen_probe(ckpt, tokenizer, data, d, frames, stride, layer, epochs, batch_size, device,
-                                    progress)
-            else:
-                cfg = FinetuneConfig(**{**(finetune_cfg or {}), "epochs": epochs, "layer": layer,
-                                        "batch_size": batch_size})
-                job = FinetuneJob(str(ckpt), tokenizer, str(data), d, cfg, cache=str(out / "tokens"),
-                                  device=device, frames=frames, stride=stride, clip="last", progress=progress,
-                                  resume=latest_checkpoint(d) is not None)
-                used = job.run()["finetune"]["layer"]
-            pred = np.load(d / "val_predictions.npz")
-            scores, labels = scores_by_cell(pred)
-            names = [Path(p).name for p in pred["paths"]]
-            val_names = names
-            m = localization_metrics(scores, labels, [videos.get(n, {}).get("hidden") for n in names])
-            rows[f"{name}, {mode}"] = m
-            report["runs"][f"{name}_{mode}"] = {"metrics": m, "layer": used, "epochs": epochs,
-                                                "checkpoint": str(ckpt)}
-    if val_names is not None and any("last_seen_cell" in videos.get(n, {}) for n in val_names):
-        rows["oracle: last place seen"] = report["oracle"] = oracle_metrics([videos[n] for n in val_names
-                                                                             if n in videos])
+    task = CaterTask(data, videos, frames, stride, batch_size)
+    probe = ProbeConfig(epochs=max(probe_epochs, 1)).validate()
+    ft = FinetuneConfig(**{**(finetune_cfg or {}), "epochs": max(finetune_epochs, 1), "layer": layer,
+                           "batch_size": batch_size}).validate()
+    modes = {"frozen": (probe_epochs, dict(loop=probe.loop(), head_lr=probe.lr, weight_decay=probe.weight_decay),
+                        {"probe": probe.to_dict()}),
+             "finetuned": (finetune_epochs, dict(loop=ft.loop(), finetune=True, lr=ft.lr, head_lr=ft.probe_lr,
+                                                 weight_decay=ft.weight_decay, ntp_weight=ft.ntp_weight,
+                                                 dtype=ft.dtype), {"finetune": ft.to_dict()})}
+    report = {"data": str(data), "frames": frames, "stride": stride, "clip": "last", "runs": {}}
+    for mode, (epochs, kw, settings) in modes.items():
+        if epochs <= 0:
+            continue
+        run = TaskRun(checkpoint, tokenizer, out / mode, random_init=random_init, device=device,
+                      cache=str(out / "tokens"), resume=True, progress=progress, **kw)
+        bb = run.load(task.spec)
+        used = bb.check_layers([bb.n_layers // 2 if layer is None else layer])[0]
+        task.probes = {"probe": (used, "attentive")}
+        splits = run.read(task, bb)
+        if len(splits["train"]) < 2 or len(splits["val"]) < 1:
+            raise DataError(f"{data}: {len(splits['train'])} readable train and {len(splits['val'])} val clip(s); "
+                            f"need at least 2 and 1")
+
+        def on_epoch(name, s, mode=mode):
+            from ..ioutil import append_jsonl
+
+            append_jsonl(out / mode / "metrics.jsonl", {"model": name, "epoch": s.epoch, "step": s.step,
+                                                        "time_s": s.time_s, "train_loss": s.train_loss["probe"],
+                                                        "train_ntp": s.train_ntp, "val": s.val["probe"],
+                                                        "val_ntp": s.val_ntp})
+            (out / mode / name).mkdir(parents=True, exist_ok=True)
+            write_predictions(out / mode / name / "val_predictions.npz", s.val_logits["probe"],
+                              splits["val"].targets, task.val_paths(), task.ds.classes)
+
+        run.train(task, bb, splits, {**settings, "layer": used}, on_epoch=on_epoch)
+        for name in ["trained"] + ["random_init"] * random_init:
+            path = out / mode / name / "val_predictions.npz"
+            pred = np.load(path)
+            report["runs"][f"{name}_{mode}"] = {
+                "metrics": task.metrics(pred["logits"], pred["labels"]), "layer": used, "epochs": epochs,
+                "predictions": str(path),
+                "model": str(bb.path) if name == "trained" else f"random init of {bb.path} (seed {bb.cfg.train.seed})"}
+    runs = report["runs"]
+    rows = {f"{name}, {mode}": runs[f"{name}_{mode}"]["metrics"] for name in ("trained", "random_init")
+            for mode in modes if f"{name}_{mode}" in runs}
+    val = [n for n in getattr(task, "val_names", []) if n in videos]
+    if any("last_seen_cell" in videos[n] for n in val):
+        rows["oracle: last place seen"] = report["oracle"] = oracle_metrics([videos[n] for n in val])
     report["table"] = format_table(rows)
-    atomic_write_json(out / "results.json", report)
-    atomic_write_bytes(out / "results.md", report["table"].encode())
+    if world()[0] == 0:
+        atomic_write_json(out / "results.json", report)
+        atomic_write_bytes(out / "results.md", report["table"].encode())
     return report

@@ -82,6 +82,13 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def loop(self, until: int | None = None):
+        """The framework's loop settings (toto.tasks.base.Loop)."""
+        from ..tasks.base import Loop
+
+        return Loop(self.epochs, self.batch_size, self.warmup_epochs, self.min_lr_ratio, self.grad_clip, self.seed,
+                    until=until)
+
 
 def save_predictions(path: Path, logits: torch.Tensor, split: SplitTokens, ds, name: str) -> None:
     """``logits (N, C)``, ``labels (N,)``, the samples' ``paths`` (the split's readable files, in
@@ -124,7 +131,7 @@ class FinetuneJob:
     progress: bool = True
 
     def run(self) -> dict:
-        from ..tasks.base import Loop, TaskRun, world
+        from ..tasks.base import TaskRun, world
         from ..tasks.classify import ClassifyTask
 
         cfg = (self.cfg or FinetuneConfig()).validate()
@@ -137,9 +144,7 @@ class FinetuneJob:
         if len(ds.classes) < 2:
             raise DataError(f"{self.data}: fine-tuning a classifier needs at least 2 classes, found "
                             f"{len(ds.classes)} ({ds.classes})")
-        run = TaskRun(self.checkpoint, self.tokenizer, self.out,
-                      Loop(cfg.epochs, cfg.batch_size, cfg.warmup_epochs, cfg.min_lr_ratio, cfg.grad_clip, cfg.seed,
-                           until=self.until),
+        run = TaskRun(self.checkpoint, self.tokenizer, self.out, cfg.loop(self.until),
                       finetune=True, lr=cfg.lr, head_lr=cfg.probe_lr, weight_decay=cfg.weight_decay,
                       ntp_weight=cfg.ntp_weight, device=self.device, dtype=cfg.dtype, cache=self.cache,
                       resume=self.resume, keep=self.keep, progress=self.progress)
