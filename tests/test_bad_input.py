@@ -335,3 +335,55 @@ def test_truncated_probe_cache_chunk_is_named(tmp_path):
     _truncate(tmp_path / "train_00000.safetensors")
     with pytest.raises(DataError, match="train_00000.safetensors: corrupt or truncated feature cache"):
         feats.layer(0)
+
+
+# -- a write that fails half-way leaves neither the file nor a *.tmp -----------------------------
+
+def _tiny_model():
+    from toto.config import build_config
+    from toto.model.llama import Toto
+
+    cfg = build_config("tiny", None, ["model.n_layers=1", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
+                                      "model.vocab_size=40", "model.max_seq_len=32"])
+    return Toto(cfg.model), cfg
+
+
+def _checkpoint(tmp_path):
+    from toto.train.checkpoint import save_checkpoint
+
+    model, cfg = _tiny_model()
+    save_checkpoint(tmp_path / "run", 1, model, cfg, {"tokens": 0})
+
+
+def _export(tmp_path):
+    from toto.export import save_hf
+
+    save_hf(_tiny_model()[0], tmp_path / "hf")
+
+
+def _feature_cache(tmp_path):
+    import torch
+
+    from toto.robot.bc import cached_features
+
+    cached_features(lambda x: torch.zeros(len(x), 4), np.zeros((3, 8, 8, 3), np.uint8), np.arange(3)[:, None],
+                    tmp_path / "features" / "f.safetensors", progress=False)
+
+
+@pytest.mark.parametrize("write", [_checkpoint, _export, _feature_cache])
+def test_failed_write_leaves_no_tmp(write, tmp_path, monkeypatch):
+    """The disk fills while safetensors writes (part of the file is on disk): the error comes
+    through, and no partial file or *.tmp file or folder is left for a reader to trip on."""
+    import safetensors.torch
+
+    def full_disk(tensors, filename, *a, **k):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+
+    for module in ("safetensors.torch", "toto.train.checkpoint", "toto.export"):
+        monkeypatch.setattr(f"{module}.save_file", full_disk)
+    assert safetensors.torch.save_file is full_disk
+    with pytest.raises(OSError, match="No space left"):
+        write(tmp_path)
+    left = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() or "tmp" in p.name]
+    assert left == [], left

@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError
-from .ioutil import atomic_replace_dir, atomic_write_json, fresh_tmp_dir
+from .ioutil import atomic_dir, atomic_write_json
 
 HF_LAYER = "model.layers.{i}."
 
@@ -169,11 +169,10 @@ def save_hf(model, out_dir: str | Path, extra: dict | None = None, dtype: torch.
     cfg = hf_config(model.cfg, tie, eos=vocab.get("end"), bos=None)
     name = str(dtype or next(iter(tensors.values())).dtype).removeprefix("torch.")
     cfg["torch_dtype"] = cfg["dtype"] = name
-    tmp = fresh_tmp_dir(out)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    atomic_write_json(tmp / "config.json", cfg)
-    atomic_write_json(tmp / "toto.json", {"exported_from": "toto", **extra})
-    atomic_replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / "toto.json", {"exported_from": "toto", **extra})
     return out
 
 

@@ -74,6 +74,21 @@ def atomic_replace_dir(tmp_dir: Path, final_dir: Path) -> None:
     os.replace(tmp_dir, final_dir)
 
 
+@contextlib.contextmanager
+def atomic_dir(final_dir: str | Path):
+    """A folder written all or nothing (a checkpoint, an export): yields an empty
+    ``<final_dir>.tmp`` to fill, which replaces ``final_dir`` when the block succeeds and is
+    removed when it fails (a kill leaves it to the next write, which clears it first)."""
+    final_dir = Path(final_dir)
+    tmp = fresh_tmp_dir(final_dir)
+    try:
+        yield tmp
+        atomic_replace_dir(tmp, final_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def append_jsonl(path: str | Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")

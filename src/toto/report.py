@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ioutil import atomic_write_bytes, read_jsonl
+from .ioutil import atomic_file, atomic_write_bytes, read_jsonl
 
 
 def _plt():
@@ -45,7 +45,8 @@ def plot_loss(run_dir: Path, path: Path, uniform: float | None = None) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return True
 
@@ -58,7 +59,8 @@ def reconstruction_grid(tokenizer, frames: np.ndarray, path: Path) -> float:
 
     recon = tokenizer.decode(tokenizer.encode(frames))
     grid = np.concatenate([np.concatenate(list(frames), 1), np.concatenate(list(recon), 1)], 0)
-    Image.fromarray(grid).save(path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(grid).save(tmp)
     return psnr(frames, recon)
 
 

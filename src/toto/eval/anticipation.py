@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from ..data.sta import StaExample, StaSplit
 from ..errors import CheckpointError, ConfigError, DataError
-from ..ioutil import atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
 from ..train.optim import adamw, cosine_lr, shift_targets
 from .roi_align import roi_align
 from .sta_metric import CHALLENGE, VERSION, Objects, box_iou, sta_map
@@ -430,9 +430,8 @@ def save_head(out: Path, sta: StaModel, meta: dict) -> None:
     if sta.cfg.mode == "finetune":
         tensors.update({f"trunk.{k}": v.detach().cpu().contiguous()
                         for k, v in sta.model.state_dict().items() if not k.startswith("rope_")})
-    tmp = out / "sta.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(out / "sta.safetensors")
+    with atomic_file(out / "sta.safetensors") as tmp:
+        save_file(tensors, str(tmp))
     atomic_write_json(out / "sta.json", meta)
 
 

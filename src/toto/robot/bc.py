@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
 from .demos import Episode, fingerprint
 from .policy import Policy, PolicySpec, TotoEncoder, window_index
 
@@ -74,9 +74,8 @@ def cached_features(encoder: TotoEncoder, frames: np.ndarray, idx: np.ndarray, c
         out.append(encoder(frames[idx[s:s + batch]]))
     feats = torch.cat(out).contiguous()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_name(cache_file.name + ".tmp")
-    save_file({"features": feats}, str(tmp))
-    tmp.replace(cache_file)
+    with atomic_file(cache_file) as tmp:
+        save_file({"features": feats}, str(tmp))
     return feats
 
 

@@ -33,7 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
 
 
 @dataclass
@@ -230,8 +230,7 @@ def export_videos(demos: str | Path, out: str | Path, fps: float = 20.0) -> list
     for ep in episodes:
         dst = out / f"{ep.name}.mp4"
         if not dst.is_file():
-            tmp = out / f"{ep.name}.tmp.mp4"
-            write_video(ep.frames, tmp, fps=fps)
-            tmp.replace(dst)
+            with atomic_file(dst) as tmp:
+                write_video(ep.frames, tmp, fps=fps)
         paths.append(dst)
     return paths

@@ -189,14 +189,12 @@ class Policy(nn.Module):
     def save(self, folder: str | Path) -> None:
         from safetensors.torch import save_file
 
-        from ..ioutil import atomic_write_json, atomic_replace_dir, fresh_tmp_dir
+        from ..ioutil import atomic_dir, atomic_write_json
 
-        folder = Path(folder)
-        tmp = fresh_tmp_dir(folder)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(tmp / "policy.safetensors"))
-        atomic_write_json(tmp / "policy.json", self.spec.to_dict())
-        atomic_replace_dir(tmp, folder)
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, str(tmp / "policy.safetensors"))
+            atomic_write_json(tmp / "policy.json", self.spec.to_dict())
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> "Policy":

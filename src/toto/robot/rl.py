@@ -114,7 +114,7 @@ def train_ppo(task: str, checkpoint: str, tokenizer: str, layers: list[int], con
               out: str | Path, n_steps: int = 512, batch_size: int = 64, seed: int = 0,
               horizon: int | None = None, resolution: int = 128, device: str = "cpu", progress: bool = True) -> dict:
     """PPO for ``steps`` environment steps; saves the SB3 model and a JSON summary in ``out``."""
-    from ..ioutil import atomic_write_json
+    from ..ioutil import atomic_file, atomic_write_json
 
     require_sb3()
     from stable_baselines3 import PPO
@@ -132,7 +132,8 @@ def train_ppo(task: str, checkpoint: str, tokenizer: str, layers: list[int], con
     changed = [k for k, v in enc.model.state_dict().items() if not torch.equal(v, before[k])]
     if changed:
         raise TotoError(f"frozen Toto weights changed during PPO: {changed[:3]}")
-    model.save(str(out / "ppo"))
+    with atomic_file(out / "ppo.zip") as tmp:  # stable-baselines3 writes a zip in place
+        model.save(str(tmp))
     ep_rewards = [float(r) for r in env.get_episode_rewards()]
     report = {"task": task, "checkpoint": str(checkpoint), "layers": layers, "context": context, "steps": steps,
               "n_steps": n_steps, "episodes": len(ep_rewards), "episode_rewards": ep_rewards,

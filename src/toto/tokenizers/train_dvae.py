@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
-from ..ioutil import append_jsonl, atomic_replace_dir, atomic_write_bytes, atomic_write_json
+from ..ioutil import append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_json
 from ..train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from ..train.optim import cosine_lr
 from .dvae import LOGIT_LAPLACE_EPS, Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
@@ -186,16 +186,14 @@ def _split(n: int, cfg: DVAETrainConfig) -> tuple[np.ndarray, np.ndarray]:
 def _save_ckpt(paths, step, enc, dec, opt, gens, cfg, fp) -> None:
     from safetensors.torch import save_file
 
-    tmp = paths["run"] / "ckpt.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
     weights = {f"encoder.{k}": v.detach().contiguous().cpu() for k, v in enc.state_dict().items()}
     weights.update({f"decoder.{k}": v.detach().contiguous().cpu() for k, v in dec.state_dict().items()})
-    save_file(weights, str(tmp / "model.safetensors"))
     tensors, meta = optimizer_to_tensors(opt.state_dict())
     tensors["rng"], tensors["rng_noise"] = gens[0].get_state(), gens[1].get_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    atomic_write_json(tmp / "state.json", {"step": step, "config": asdict(cfg), "frames": fp, "optimizer": meta})
-    atomic_replace_dir(tmp, paths["ckpt"])
+    with atomic_dir(paths["ckpt"]) as tmp:
+        save_file(weights, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        atomic_write_json(tmp / "state.json", {"step": step, "config": asdict(cfg), "frames": fp, "optimizer": meta})
 
 
 def _load_ckpt(paths, enc, dec, opt, gens, cfg, fp) -> int:

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from ..config import Config, config_from_dict
 from ..errors import CheckpointError
-from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir, load_tensors,
-                      read_json, verify_checksums, write_checksums)
+from ..ioutil import (atomic_dir, atomic_write_bytes, atomic_write_json, load_tensors, read_json, verify_checksums,
+                      write_checksums)
 
 CKPT_DIR = "checkpoints"
 
@@ -80,18 +80,18 @@ def save_checkpoint(run_dir: str | Path, step: int, model_state, config: Config,
         model_state = model_state.state_dict()
     root = Path(run_dir) / CKPT_DIR
     name = f"step_{step:08d}"
-    tmp = fresh_tmp_dir(root / name)
-    save_file(_model_tensors(model_state, config.model.tie_embeddings), str(tmp / "model.safetensors"))
-    if optimizer_state is not None:
-        tensors, meta = optimizer_to_tensors(optimizer_state)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        atomic_write_json(tmp / "optimizer.json", meta)
-    for extra, tensors in (extra_tensors or {}).items():
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / f"{extra}.safetensors"))
-    atomic_write_json(tmp / "config.json", config.to_dict())
-    atomic_write_json(tmp / "state.json", {"step": step, **state})
-    write_checksums(tmp)
-    atomic_replace_dir(tmp, root / name)
+    with atomic_dir(root / name) as tmp:
+        save_file(_model_tensors(model_state, config.model.tie_embeddings), str(tmp / "model.safetensors"))
+        if optimizer_state is not None:
+            tensors, meta = optimizer_to_tensors(optimizer_state)
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            atomic_write_json(tmp / "optimizer.json", meta)
+        for extra, tensors in (extra_tensors or {}).items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()},
+                      str(tmp / f"{extra}.safetensors"))
+        atomic_write_json(tmp / "config.json", config.to_dict())
+        atomic_write_json(tmp / "state.json", {"step": step, **state})
+        write_checksums(tmp)
     atomic_write_bytes(root / "latest", name.encode())
     for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-keep]:
         shutil.rmtree(old)

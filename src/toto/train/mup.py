@@ -76,5 +76,8 @@ def plot_coord_check(result: dict, path) -> None:
     axes[0].set_ylabel("mean |activation|")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    from ..ioutil import atomic_file
+
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
