@@ -53,12 +53,21 @@ def _setup(tmp_path: Path):
 GAUGE = {"pool.k.bias", "pool.v.bias", "norm.running_mean"}
 
 
+def _free_port() -> int:
+    """A port nobody listens on now (other test runs on this machine launch torchrun too)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _toto(args: list[str], nproc: int | None = None):
     """``nproc=None``: one plain process; a number: under torchrun with that many gloo ranks."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "toto", *args] if nproc is None else \
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-         "--master_port", str(29700 + os.getpid() % 1000), "-m", "toto", *args]
+         "--master_port", str(_free_port()), "-m", "toto", *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
 

@@ -22,6 +22,7 @@ the heads are initialised, so a resumed run reproduces the uninterrupted one.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import shutil
@@ -411,6 +412,11 @@ def fit(model: TaskModel, opt: torch.optim.Optimizer, train: Split, val: Split, 
             on_epoch(stats)
         if state is not None:
             state.save(model, opt, epoch, step, {"last_loss": stats.last_loss})
+    if wrapped is not model:
+        # free DDP's reducer (and the gloo work it holds) now: collected at interpreter exit, after
+        # the process group is gone, it can abort the process
+        del wrapped
+        gc.collect()
     return stats
 
 
