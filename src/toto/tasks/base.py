@@ -40,8 +40,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..eval.backbone import Backbone, load_backbone
-from ..ioutil import (atomic_replace_dir, atomic_write_bytes, atomic_write_json, fresh_tmp_dir,
-                      read_jsonl, verify_checksums)
+from ..ioutil import atomic_dir, atomic_write_bytes, atomic_write_json, read_jsonl, verify_checksums
 from ..train.optim import adamw, autocast_for, cosine_lr, param_groups, set_lr, shift_targets
 
 # -- distributed pieces --------------------------------------------------------------------------
@@ -529,14 +528,13 @@ class RunState:
 
                 root = self.root
                 name = f"epoch_{epoch:04d}"
-                tmp = fresh_tmp_dir(root / name)
-                for head, tensors in model.head_state().items():
-                    save_file(tensors, str(tmp / f"{head}.safetensors"))
                 tensors, meta = optimizer_to_tensors(opt.state_dict())
-                save_file(tensors, str(tmp / "optimizer.safetensors"))
-                atomic_write_json(tmp / "optimizer.json", meta)
-                atomic_write_json(tmp / "state.json", {**state})
-                atomic_replace_dir(tmp, root / name)
+                with atomic_dir(root / name) as tmp:
+                    for head, head_tensors in model.head_state().items():
+                        save_file(head_tensors, str(tmp / f"{head}.safetensors"))
+                    save_file(tensors, str(tmp / "optimizer.safetensors"))
+                    atomic_write_json(tmp / "optimizer.json", meta)
+                    atomic_write_json(tmp / "state.json", {**state})
                 atomic_write_bytes(root / "latest", name.encode())
                 for old in root.glob("epoch_*"):
                     if old.name != name:
