@@ -77,3 +77,48 @@ def test_cater_eval_end_to_end(tmp_path, capsys):
     # a rerun finds every run finished (per-epoch state) and reports the same numbers
     assert main(args) == 0
     assert json.loads((out / "results.json").read_text())["runs"] == rep["runs"]
+
+
+def test_cater_beyond_pretraining_context_through_rope_extension(tmp_path, capsys):
+    """The paper's 32-frame CATER setting in miniature: clips twice as long as the pre-training
+    sequences are refused by the short-context model (one line naming the lengths); after
+    `toto train --init-from` on the long shards (context grown, RoPE base 50,000, weights kept)
+    `toto cater` evaluates them, and its random-init baseline has the same extended context."""
+    from toto.cli import main
+    from toto.data.video import read_video
+    from toto.tokenizers.patch import PatchTokenizer
+    from toto.train.checkpoint import latest_checkpoint
+
+    gen = tmp_path / "gen"
+    generate(gen, 8, SceneConfig(frames=8, width=32, height=32), seed=2, val_fraction=0.5, progress=False)
+    frames = np.concatenate([read_video(p, 1, 16) for p in sorted((gen / "videos").glob("*.avi"))[:3]])
+    tok = tmp_path / "tok.safetensors"
+    PatchTokenizer.fit(frames, n_codes=8, patch=8, resolution=16, seed=0).save(tok)  # 4 tokens a frame
+    small = ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64", "train.micro_batch_size=2",
+             "train.batch_tokens=68", "train.warmup_steps=1", "data.val_fraction=0", "train.tensorboard=false"]
+    for n in (4, 8):
+        assert main(["tokenize", str(gen / "videos"), "--tokenizer", str(tok), "--out", str(tmp_path / f"s{n}"),
+                     "--frames", str(n), "--stride", "1", "--no-progress"]) == 0
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "s4"), "--out", str(tmp_path / "short"),
+                 "--steps", "2", "--no-progress", *small]) == 0
+    lists = gen / "lists" / "localize"  # as above: every val clip also in train, so its cell is a known class
+    (lists / "train.txt").write_text((lists / "train.txt").read_text() + (lists / "val.txt").read_text())
+    cater_lists(gen, tmp_path / "lists", frames=8, stride=1, progress=False)
+    args = ["cater", "--tokenizer", str(tok), "--data", str(tmp_path / "lists"), "--frames", "8", "--stride", "1",
+            "--probe-epochs", "1", "--finetune-epochs", "0", "--batch-size", "2", "--no-progress"]
+    capsys.readouterr()
+    assert main([*args, "--checkpoint", str(tmp_path / "short"), "--out", str(tmp_path / "e0")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "needs 33 positions" in err and "max_seq_len=18" in err, err
+    assert "--init-from" in err  # 8 x 4 + 1 input positions vs a context of 4 x 4 + 2
+
+    assert main(["train", "--preset", "tiny", "--data", str(tmp_path / "s8"), "--out", str(tmp_path / "long"),
+                 "--steps", "1", "--no-progress", "--init-from", str(tmp_path / "short"), *small]) == 0
+    saved = json.loads((latest_checkpoint(tmp_path / "long") / "config.json").read_text())["model"]
+    assert saved["max_seq_len"] == 34 and saved["rope_base"] == 50000.0
+    out = tmp_path / "e1"
+    assert main([*args, "--checkpoint", str(tmp_path / "long"), "--out", str(out)]) == 0
+    rep = json.loads((out / "results.json").read_text())
+    assert set(rep["runs"]) == {"trained_frozen", "random_init_frozen"}
+    n_val = len((lists / "val.txt").read_text().split())  // 2
+    assert all(e["metrics"]["all"]["n"] == n_val > 0 for e in rep["runs"].values())

@@ -50,8 +50,8 @@ def check_compatible(model_cfg, state: dict, tokenizer, spec: SequenceSpec, wher
     if need > model_cfg.max_seq_len:
         raise CheckpointError(
             f"{where}: a {spec.kind} sequence of {n_frames} frame(s) x {h}x{w} codes needs {need} positions "
-            f"but the model context is max_seq_len={model_cfg.max_seq_len}; use fewer frames or a lower "
-            f"tokenizer resolution")
+            f"but the model context is max_seq_len={model_cfg.max_seq_len}; use fewer frames, or extend the "
+            f"context first (`toto train --init-from` on shards that long: docs/training.md)")
     return layout
 
 
