@@ -1,11 +1,14 @@
 """Dataclass configs, named presets, YAML files and `section.field=value` overrides.
 
 All three routes (preset, YAML, command line) land on the same dataclasses, and ``validate``
-names the offending field for any impossible value.
+names the offending field for any impossible value. A job's settings (probe, finetune, forecast,
+...) are one dataclass each, built by ``build_section`` through the same code: fields declared
+with ``option`` are also that command's flags (toto.commands.common.add_options).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
@@ -19,6 +22,18 @@ import yaml
 
 from .errors import ConfigError
 from .ioutil import read_text
+
+
+DEVICE_HELP = "auto | cpu | cuda | cuda:N"
+
+
+def option(default: Any = None, help: str = "", **cli) -> Any:
+    """A dataclass field that is also a command-line option, so it is written once: ``help`` is its
+    --help text; ``cli`` may name the flag (``flag="--probe-batch-size"``) or give an argparse
+    ``type`` (checked on the command line, in YAML files and in overrides alike), ``choices`` or
+    ``metavar``. A bool field is a switch: ``--name`` when it defaults to False, ``flag`` (default
+    ``--no-name``) when it defaults to True."""
+    return field(default=default, metadata={"help": help, **cli})
 
 
 @dataclass
@@ -154,17 +169,35 @@ def _coerce(value: Any, tp, where: str) -> Any:
     return value
 
 
+def coerce_field(cls, name: str, value: Any, where: str) -> Any:
+    """``value`` (YAML, override or command-line text) as field ``name`` of ``cls`` holds it, checked
+    by the field's ``option`` type if it has one; a ConfigError naming ``where`` otherwise."""
+    value = _coerce(value, _field_type(cls, name), where)
+    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("type")
+    if check is not None and value is not None:
+        try:
+            value = check(str(value))
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    return value
+
+
+def set_fields(obj, section: str, values: dict, source: str) -> None:
+    """Set fields of the dataclass ``obj`` (named ``section`` in messages) from a mapping."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {section!r} must be a mapping")
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"{source}: unknown field {section}.{key} (known: {', '.join(sorted(names))})")
+        setattr(obj, key, coerce_field(type(obj), key, value, f"{section}.{key}"))
+
+
 def _apply(cfg: Config, section: str, values: dict, source: str) -> None:
     sub = getattr(cfg, section, None)
     if sub is None or not dataclasses.is_dataclass(sub):
         raise ConfigError(f"{source}: unknown config section {section!r} (expected model, data or train)")
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: section {section!r} must be a mapping")
-    names = {f.name for f in dataclasses.fields(sub)}
-    for key, value in values.items():
-        if key not in names:
-            raise ConfigError(f"{source}: unknown field {section}.{key} (known: {', '.join(sorted(names))})")
-        setattr(sub, key, _coerce(value, _field_type(type(sub), key), f"{section}.{key}"))
+    set_fields(sub, section, values, source)
 
 
 def apply_dict(cfg: Config, d: dict, source: str = "config") -> Config:
@@ -202,19 +235,48 @@ def load_yaml(path: str | Path, cfg: Config | None = None) -> Config:
     return apply_dict(cfg, d, str(path))
 
 
+def parse_override(item: str, example: str = "train.lr=1e-3") -> tuple[str, str, Any]:
+    """``section.field=value`` -> (section, field, value parsed as a YAML scalar)."""
+    if "=" not in item or "." not in item.split("=", 1)[0]:
+        raise ConfigError(f"override {item!r} must look like section.field=value, e.g. {example}")
+    key, raw = item.split("=", 1)
+    section, name = key.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    return section, name, value
+
+
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.field=value`` strings (values parsed as YAML scalars)."""
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
-            raise ConfigError(f"override {item!r} must look like section.field=value, e.g. train.lr=1e-3")
-        key, raw = item.split("=", 1)
-        section, name = key.split(".", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
+        section, name, value = parse_override(item)
         _apply(cfg, section, {name: value}, "command line")
     return cfg
+
+
+def build_section(cls, section: str, yaml_path: str | None = None, overrides: list[str] | None = None,
+                  given: dict | None = None):
+    """A job's settings, the one dataclass ``cls``: its defaults, then the ``section:`` mapping of
+    the YAML file, then ``section.field=value`` overrides, then the options given on the command
+    line (``given``, already parsed); validated with the dataclass's own ``validate``."""
+    obj = cls()
+    if yaml_path:
+        d = read_yaml_mapping(yaml_path, "config file", f"a {section}: section")
+        for name in d:
+            if name != section:
+                raise ConfigError(f"{yaml_path}: unknown config section {name!r} (expected {section})")
+        set_fields(obj, section, d.get(section) or {}, yaml_path)
+    for item in overrides or []:
+        name, key, value = parse_override(item, f"{section}.seed=1")
+        if name != section:
+            raise ConfigError(f"override {item!r}: unknown config section {name!r} (expected {section})")
+        set_fields(obj, section, {key: value}, "command line")
+    for key, value in (given or {}).items():
+        setattr(obj, key, value)
+    obj.validate()
+    return obj
 
 
 def build_config(preset_name: str | None = None, yaml_path: str | None = None,

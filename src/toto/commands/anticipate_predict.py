@@ -8,6 +8,7 @@ HELP = "write challenge-format STA results (version 1.0) for an annotation file 
 
 def add_arguments(p):
     from .anticipate_train import add_release_args
+    from .common import add_device
 
     p.add_argument("--run", required=True, help="a `toto anticipate train` output folder")
     p.add_argument("--annotations-file", required=True,
@@ -17,8 +18,7 @@ def add_arguments(p):
     p.add_argument("--detections-only", action="store_true",
                    help="the baseline without video: detection score, the train split's most frequent verb, "
                         "its mean TTC")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    add_device(p)
 
 
 def run(args) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .common import add_device, add_job_config, add_model_source, add_options, job_config
+
 LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 HELP = "train the STA heads (verb, TTC) on Toto's 5-layer pyramid, frozen or fine-tuned"
 
@@ -14,32 +16,22 @@ def add_release_args(p, train: bool):
 
 
 def add_arguments(p):
-    p.add_argument("--checkpoint", required=True, help="toto train run (or checkpoint folder)")
-    p.add_argument("--tokenizer", required=True, help="the tokenizer the checkpoint was trained with")
+    from ..eval.anticipation import StaConfig
+
+    add_model_source(p)
     add_release_args(p, True)
     p.add_argument("--out", required=True, help="run folder (resumes when it holds a state.pt)")
-    p.add_argument("--mode", choices=["frozen", "finetune"], default="frozen",
-                   help="frozen trunk, or fine-tune it with the heads + next-token loss")
     p.add_argument("--random-init", action="store_true", help="the same architecture at random init (baseline)")
-    p.add_argument("--frames", type=int, default=8, help="context frames")
-    p.add_argument("--stride", type=int, default=3, help="frames between context frames")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
-    p.add_argument("--trunk-lr", type=float, default=1e-4, help="trunk learning rate (finetune)")
-    p.add_argument("--ntp-weight", type=float, default=0.5, help="next-token loss weight (finetune)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-progress", action="store_true")
+    add_device(p)
+    add_job_config(p, "sta")
+    add_options(p, StaConfig, "sta", title="STA heads and training")
 
 
 def run(args) -> int:
     from ..eval.anticipation import StaConfig, train_job
     from ..eval.sta_metric import PAPER_NAMES, SHORT_NAMES
 
-    cfg = StaConfig(frames=args.frames, stride=args.stride, mode=args.mode, epochs=args.epochs,
-                    batch_size=args.batch_size, lr=args.lr, trunk_lr=args.trunk_lr, ntp_weight=args.ntp_weight,
-                    seed=args.seed)
+    cfg = job_config(StaConfig, "sta", args)
     rep = train_job(args.checkpoint, args.tokenizer, args.annotations, args.clips, args.detections, args.out,
                     cfg, args.random_init, args.device, not args.no_progress)
     for label, scores in (("model", rep["val"]), ("detections only", rep["detections_only_val"])):

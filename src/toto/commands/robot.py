@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
+from .common import add_device, add_job_config, add_model_source, add_options, job_config
 
 LOCKS_OUT = True  # every action's --out is a folder; cli.main holds its lock while it runs
 HELP = "robot manipulation (Meta-World in MuJoCo, LeRobot demos): collect expert demos, behaviour cloning and PPO on frozen Toto features, evaluate"
@@ -23,6 +24,8 @@ def _layer_groups(values: list[str]) -> list[list[int]]:
 
 
 def add_arguments(p):
+    from ..robot.bc import BCConfig
+
     sub = p.add_subparsers(dest="robot_command", metavar="ACTION", required=True)
 
     c = sub.add_parser("collect", help="scripted-expert demonstrations of a Meta-World v3 task",
@@ -36,7 +39,6 @@ def add_arguments(p):
     c.add_argument("--max-attempts", type=int, help="seeds to try at most (default 2 x episodes + 10)")
     c.add_argument("--horizon", type=int, help="steps before an episode counts as failed (default 250)")
     c.add_argument("--resolution", type=int, help="camera image size in pixels (default 128)")
-    c.add_argument("--no-progress", action="store_true")
     c.set_defaults(_action=_collect)
 
     v = sub.add_parser("videos", help="demo episodes as mp4 files (pre-training data for toto tokenize)",
@@ -52,26 +54,22 @@ def add_arguments(p):
                                    "seed for all. --eval-episodes N then evaluates each in simulation.")
     t.add_argument("--demos", required=True, metavar="DIR", help="a `toto robot collect` folder or a LeRobot v2 dataset")
     t.add_argument("--out", required=True, metavar="DIR")
-    t.add_argument("--checkpoint", metavar="RUN", help="pre-trained Toto (run folder or checkpoint); without it only the CNN")
-    t.add_argument("--tokenizer", metavar="FILE", help="the tokenizer the checkpoint was trained with")
+    add_model_source(t, required=False, what=" of a pre-trained Toto; without it only the CNN")
     t.add_argument("--layers", nargs="+", default=None, metavar="L[,L]",
                    help="layer groups, each a policy: 2 4 2,4 = middle, last, middle+last (default: middle and last)")
     t.add_argument("--context", type=int, default=1,
                    help="frames of image context: 1 = the current frame as an image, k = the last k as a video")
     t.add_argument("--no-random-init", action="store_true", help="skip the random-init Toto baseline")
     t.add_argument("--no-cnn", action="store_true", help="skip the pixels-CNN baseline")
-    t.add_argument("--epochs", type=int, default=60)
-    t.add_argument("--batch-size", type=int, default=256)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--cache", metavar="DIR", help="feature cache (default OUT/features)")
     t.add_argument("--camera", help="LeRobot video stream to use (default: the first)")
     t.add_argument("--task", help="simulation task for --eval-episodes (default: the demos' task)")
     t.add_argument("--eval-episodes", type=int, default=0, help="evaluate every policy on N seeded rollouts")
     t.add_argument("--workers", type=int, default=1, help="rollout processes (default 1)")
     t.add_argument("--horizon", type=int, help="rollout steps before failure (default 250)")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--no-progress", action="store_true")
+    add_device(t, "cpu")
+    add_job_config(t, "bc")
+    add_options(t, BCConfig, "bc", title="behaviour cloning")
     t.set_defaults(_action=_train)
 
     e = sub.add_parser("eval", help="success rate of a policy over seeded rollouts, with a 95%% interval and a gif",
@@ -84,15 +82,13 @@ def add_arguments(p):
     e.add_argument("--seed", type=int, default=10_000)
     e.add_argument("--workers", type=int, default=1)
     e.add_argument("--horizon", type=int)
-    e.add_argument("--no-progress", action="store_true")
     e.set_defaults(_action=_eval)
 
     r = sub.add_parser("ppo", help="PPO (stable-baselines3) on frozen Toto features",
                        description="Reinforcement learning with Toto as a frozen feature extractor (the paper's "
                                    "simulation protocol), on Meta-World's dense reward.")
     r.add_argument("--task", required=True)
-    r.add_argument("--checkpoint", required=True, metavar="RUN")
-    r.add_argument("--tokenizer", required=True, metavar="FILE")
+    add_model_source(r)
     r.add_argument("--layers", default=None, metavar="L[,L]", help="default: the last layer")
     r.add_argument("--context", type=int, default=1)
     r.add_argument("--steps", type=int, default=1_000_000, help="environment steps (default 1M)")
@@ -101,7 +97,7 @@ def add_arguments(p):
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--horizon", type=int, help="steps per episode (default 250)")
     r.add_argument("--resolution", type=int, default=128, help="camera image size (default 128)")
-    r.add_argument("--device", default="cpu")
+    add_device(r, "cpu")
     r.add_argument("--out", required=True, metavar="DIR")
     r.set_defaults(_action=_ppo)
 
@@ -152,7 +148,7 @@ def _train(args) -> int:
     episodes, info = load_demos(args.demos, args.camera, skipped=skipped)
     task = args.task or info.get("task")
     resolution = int(episodes[0].frames.shape[1])
-    cfg = BCConfig(args.epochs, args.batch_size, args.lr, args.seed)
+    cfg = job_config(BCConfig, "bc", args)
     base = dict(context=args.context, proprio_dim=int(episodes[0].proprio.shape[1]),
                 action_dim=int(episodes[0].actions.shape[1]), task=task, resolution=resolution)
     runs = []  # (name, spec, encoder)

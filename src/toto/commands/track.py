@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-from .argtypes import nonnegative_int, positive_float, positive_int
+from .argtypes import nonnegative_int, positive_int
+from .common import add_device, add_job_config, add_model_source, add_options, job_config
 
 HELP = "video object segmentation by label propagation (DAVIS-2017 layout), scored with J&F"
 LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 
 def add_arguments(p):
+    from ..eval.tracking import PropagationConfig
+
     p.add_argument("--data", required=True, metavar="DAVIS_ROOT",
                    help="folder in the DAVIS-2017 layout (JPEGImages/480p, Annotations/480p, ImageSets/2017)")
     p.add_argument("--out", required=True, help="results folder: <seq>/<frame>.png, results.json, overlay gif")
     p.add_argument("--features", choices=["model", "pixels", "copy-first"], default="model",
                    help="model hidden states (default), raw RGB patches, or the copy-the-first-mask baseline")
-    p.add_argument("--checkpoint", metavar="RUN_OR_CKPT", help="run folder or checkpoint folder (--features model)")
-    p.add_argument("--tokenizer", metavar="FILE", help="tokenizer file the checkpoint was trained with")
+    add_model_source(p, required=False, what=" (--features model)")
     p.add_argument("--layer", type=nonnegative_int, default=None,
                    help="hidden-state layer: 0 = embeddings, i = after block i (default: the middle one)")
     p.add_argument("--context", choices=["image", "video"], default="image",
@@ -28,18 +30,14 @@ def add_arguments(p):
     p.add_argument("--patch", type=positive_int, default=8, help="patch size for --features pixels")
     p.add_argument("--sequences", nargs="+", metavar="SEQ", help="only these sequences")
     p.add_argument("--subset", default="val", help="ImageSets/2017/<subset>.txt lists the sequences")
-    p.add_argument("--n-last", type=positive_int, default=7, help="most recent predicted frames used as context")
-    p.add_argument("--topk", type=positive_int, default=5, help="neighbours kept jointly over the context")
-    p.add_argument("--temperature", type=positive_float, default=0.1, help="softmax temperature on cosine similarity")
-    p.add_argument("--radius", type=positive_int, default=None,
-                   help="neighbourhood radius in grid cells (default: DINO's 12 at 60 rows, scaled; 0 = off)")
-    p.add_argument("--no-norm-mask", action="store_true", help="skip DINO's per-object rescaling before argmax")
     p.add_argument("--void", choices=["ignore", "background"], default="ignore",
                    help="void (255) pixels: left out of J and F, or counted as background (official script)")
     p.add_argument("--overlay", default="", metavar="SEQ",
                    help="sequence to render as an overlay gif (default: the first; 'none' for no gif)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--batch-size", type=positive_int, default=16, help="frames per forward pass")
+    add_device(p)
+    add_job_config(p, "track")
+    add_options(p, PropagationConfig, "track", title="label propagation")
 
 
 def build_features(args):
@@ -69,9 +67,7 @@ def build_features(args):
 def run(args) -> int:
     from ..eval.tracking import PropagationConfig, format_table, run_tracking
 
-    cfg = PropagationConfig(n_last=args.n_last, topk=args.topk, temperature=args.temperature,
-                            radius=args.radius, norm_mask=not args.no_norm_mask)
-    cfg.validate()
+    cfg = job_config(PropagationConfig, "track", args)
     features = build_features(args)
     result = run_tracking(args.data, args.out, features, cfg, sequences=args.sequences, subset=args.subset,
                           void=args.void, overlay_sequence=None if args.overlay == "none" else args.overlay,

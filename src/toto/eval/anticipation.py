@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ..data.sta import StaExample, StaSplit
+from ..config import option
 from ..errors import CheckpointError, ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
 from ..train.optim import adamw, cosine_lr, shift_targets
@@ -56,21 +57,21 @@ def pyramid_layers(n_layers: int) -> list[int]:
 
 @dataclass
 class StaConfig:
-    frames: int = 8  # context frames
-    stride: int = 3  # frames between them
-    mode: str = "frozen"  # frozen trunk, or finetune it with the heads (+ next-token loss)
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3  # heads
-    trunk_lr: float = 1e-4  # fine-tuning only
+    frames: int = option(8, "context frames")
+    stride: int = option(3, "frames between context frames")
+    mode: str = option("frozen", "frozen trunk, or fine-tune it with the heads + next-token loss", choices=MODES)
+    epochs: int = option(30, "")
+    batch_size: int = option(16, "")
+    lr: float = option(1e-3, "head learning rate")
+    trunk_lr: float = option(1e-4, "trunk learning rate (finetune)")
     weight_decay: float = 0.05
     dropout: float = 0.3  # the heads see few examples
-    ntp_weight: float = 0.5  # fine-tuning only
+    ntp_weight: float = option(0.5, "next-token loss weight (finetune)")
     channels: int = 64
     hidden: int = 256
     roi_size: int = 2
     match_iou: float = 0.5
-    seed: int = 0
+    seed: int = option(0, "")
 
     def validate(self) -> "StaConfig":
         if self.mode not in MODES:

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..commands.argtypes import nonnegative_float, nonnegative_int, positive_int
+from ..config import option
 from ..errors import ConfigError, DataError
 from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl
 from .features import SplitTokens
@@ -44,20 +46,24 @@ from .probe import ProbeConfig
 class FinetuneConfig:
     """Fine-tuning hyper-parameters; the defaults suit a small pre-trained model."""
 
-    layer: int | None = None  # probed layer; None: the middle one, n_layers // 2
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-4  # trunk peak lr (small: the trunk is pre-trained); 0 freezes the trunk
-    probe_lr: float = ProbeConfig.lr  # probe peak lr (a fresh head learns fast)
-    ntp_weight: float = 1.0
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
+    layer: int | None = option(None, "layer the attentive probe reads (0 = embeddings; default: the middle one, "
+                               "n_layers // 2, since decoder-only models hold the most class information in "
+                               "their middle layers)", type=nonnegative_int)
+    epochs: int = option(10, "", type=positive_int)
+    batch_size: int = option(32, "sequences per step", type=positive_int)
+    lr: float = option(1e-4, "peak learning rate of the pre-trained trunk; 0 freezes it", type=nonnegative_float)
+    probe_lr: float = option(ProbeConfig.lr, "peak learning rate of the probe (a fresh head learns fast)",
+                             type=nonnegative_float)
+    ntp_weight: float = option(1.0, "W in loss = CE + W x next-token NLL (0: plain fine-tuning)",
+                               type=nonnegative_float)
+    weight_decay: float = option(0.05, "AdamW decay on matrices only", type=nonnegative_float)
+    warmup_epochs: float = option(1.0, "linear warm-up, then cosine decay to 0", type=nonnegative_float)
     min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    heads: int = 0  # attentive-probe heads; 0: the model's head count
+    grad_clip: float = option(1.0, "max global gradient norm, 0 = off", type=nonnegative_float)
+    heads: int = option(0, "attentive-probe heads (0, the default: the model's)", type=nonnegative_int)
     norm: str = "batchnorm"  # normalisation of the pooled vector (see toto.eval.probe)
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    seed: int = 0
+    dtype: str = option("auto", "auto: bf16 autocast on GPU, fp32 on CPU", choices=("auto", "bf16", "fp32"))
+    seed: int = option(0, "probe initialisation and batch order")
 
     def validate(self) -> "FinetuneConfig":
         if self.epochs < 1 or self.batch_size < 1:

@@ -30,6 +30,8 @@ import torch
 
 from ..data.video import read_video
 from ..device import resolve_device
+from ..commands.argtypes import positive_int
+from ..config import DEVICE_HELP, option
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_json
 from ..tokenizers.base import check_identity
@@ -86,18 +88,20 @@ def _mean(values: list) -> float | None:
 
 @dataclass
 class ForecastSettings:
-    context_frames: int = 4
-    frames: int = 8  # frames to forecast
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    greedy: bool = False
-    seed: int | None = 0
-    stride: int | None = None  # keep one video frame in `stride`; None: the training data's (else 4)
-    fps: int = 4  # frame rate of the written side-by-side video
-    device: str = "auto"
+    context_frames: int = option(4, "real frames given to the model", type=positive_int)
+    frames: int = option(8, "frames to forecast", type=positive_int)
+    temperature: float = option(1.0, "sampling temperature")
+    top_k: int | None = option(None, "sample among the K most likely codes (default: all)", metavar="K")
+    top_p: float | None = option(None, "nucleus sampling mass in (0, 1] (default: off)", metavar="P")
+    greedy: bool = option(False, "always take the most likely code (ignores the above)")
+    seed: int | None = option(0, "sampling seed")
+    stride: int | None = option(None, "keep one video frame in STRIDE (default: the stride recorded in the index "
+                                      "of the model's training shards, else 4)", type=positive_int)
+    fps: int = option(4, "frame rate of the written videos", type=positive_int)
+    device: str = option("auto", DEVICE_HELP)
     stride_source: str = "--stride"
-    compile: bool = False  # compiled decode step (CUDA graphs on GPU): ~10x faster decoding there
+    compile: bool = option(False, "compile the decode step (CUDA graphs on GPU: ~10x faster decoding after a "
+                                  "one-off compilation of ~10 s; docs/performance.md)")
 
     def validate(self) -> "ForecastSettings":
         from ..model.generate import check_sampling

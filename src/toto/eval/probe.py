@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..commands.argtypes import nonnegative_float, nonnegative_int, positive_int
+from ..config import option
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file
 from ..tasks.base import topk_accuracy
@@ -38,15 +40,16 @@ ONLINE_STATE = "online_state"  # --online: OUT/online_state/<model>/epoch_<e>/
 class ProbeConfig:
     """Probe hyper-parameters; defaults suit a few thousand to a few hundred thousand samples."""
 
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 2.0  # linear warm-up length, then cosine decay to lr * min_lr_ratio
+    epochs: int = option(20, "", type=positive_int)
+    batch_size: int = option(256, "", flag="--probe-batch-size", type=positive_int)
+    lr: float = option(1e-3, "AdamW peak learning rate", type=nonnegative_float)
+    weight_decay: float = option(0.05, "", type=nonnegative_float)
+    warmup_epochs: float = option(2.0, "", type=nonnegative_float)  # linear, then cosine to lr * min_lr_ratio
     min_lr_ratio: float = 0.0
-    heads: int = 0  # attention heads of the attentive pooler; 0: the model's own head count
-    norm: str = "batchnorm"  # normalisation of the pooled vector: batchnorm | layernorm
-    seed: int = 0
+    heads: int = option(0, "attentive-probe heads (0, the default: the model's)", type=nonnegative_int)
+    norm: str = option("batchnorm", "normalisation of the pooled vector, no affine parameters",
+                       choices=("batchnorm", "layernorm"))
+    seed: int = option(0, "probe initialisation and batch order")
 
     def validate(self) -> "ProbeConfig":
         for name in ("epochs", "batch_size", "lr"):

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..commands.argtypes import nonnegative_int, positive_float, positive_int
+from ..config import option
 from ..errors import ConfigError, DataError
 from ..train.optim import autocast_for
 from . import davis
@@ -47,11 +49,13 @@ DINO_RADIUS, DINO_ROWS = 12, 60
 
 @dataclass
 class PropagationConfig:
-    n_last: int = 7  # most recent predicted frames kept as context (plus the first frame)
-    topk: int = 5
-    temperature: float = 0.1
-    radius: int | None = None  # neighbourhood in cells; None: DINO's 12 scaled to the grid; 0: off
-    norm_mask: bool = True  # DINO's per-object min-max rescaling before the argmax
+    n_last: int = option(7, "most recent predicted frames used as context (plus the first frame)",
+                         type=nonnegative_int)
+    topk: int = option(5, "neighbours kept jointly over the context", type=positive_int)
+    temperature: float = option(0.1, "softmax temperature on cosine similarity", type=positive_float)
+    radius: int | None = option(None, "neighbourhood radius in grid cells (default: DINO's 12 at 60 rows, "
+                                      "scaled; 0 = off)", type=nonnegative_int)
+    norm_mask: bool = option(True, "skip DINO's per-object rescaling before argmax")
 
     def validate(self) -> None:
         if self.n_last < 0 or self.topk < 1 or self.temperature <= 0:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import option
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
 from .demos import Episode, fingerprint
@@ -32,10 +33,10 @@ from .policy import Policy, PolicySpec, TotoEncoder, window_index
 
 @dataclass
 class BCConfig:
-    epochs: int = 60
-    batch_size: int = 256
-    lr: float = 1e-3
-    seed: int = 0
+    epochs: int = option(60, "")
+    batch_size: int = option(256, "")
+    lr: float = option(1e-3, "")
+    seed: int = option(0, "policy initialisation and batch order")
 
     def validate(self) -> "BCConfig":
         for k in ("epochs", "batch_size"):
