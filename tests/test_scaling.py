@@ -8,7 +8,7 @@ from conftest import write_shards
 from toto.cli import main
 from toto.config import ModelConfig
 from toto.errors import ConfigError, DataError
-from toto.eval import scaling as sc
+from toto.train import scaling as sc
 from toto.ioutil import read_jsonl
 
 

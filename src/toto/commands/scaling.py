@@ -39,7 +39,7 @@ def add_arguments(p):
 
 
 def _run(args) -> int:
-    from ..eval import scaling as sc
+    from ..train import scaling as sc
 
     specs = sc.plan(sc.load_grid(args.grid), args.out, args.data)
     print(f"{len(specs)} runs:")
@@ -62,7 +62,7 @@ def _run(args) -> int:
 
 def _fit(args) -> int:
     from ..errors import ConfigError
-    from ..eval import scaling as sc
+    from ..train import scaling as sc
     from ..ioutil import atomic_write_json
 
     if not 0 < args.ci < 1:

@@ -223,8 +223,8 @@ def run_grid(specs: list[RunSpec], out_dir: str | Path, progress: bool = True, l
     from tqdm import tqdm
 
     from ..errors import TrainingError
-    from ..train.checkpoint import latest_checkpoint
-    from ..train.trainer import Trainer
+    from .checkpoint import latest_checkpoint
+    from .trainer import Trainer
 
     out_dir = Path(out_dir)
     (out_dir / "runs").mkdir(parents=True, exist_ok=True)
