@@ -3,7 +3,7 @@ import torch
 
 from toto.config import ModelConfig
 from toto.model.llama import Toto
-from toto.train.mup import coord_sizes
+from toto.train.coordcheck import coord_sizes
 
 
 def test_mup_multipliers_and_init():

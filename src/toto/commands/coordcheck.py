@@ -21,7 +21,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..errors import ConfigError
     from ..ioutil import atomic_write_json
-    from ..train.mup import coord_check, plot_coord_check
+    from ..train.coordcheck import coord_check, plot_coord_check
 
     try:
         widths = sorted({int(w) for w in args.widths.split(",")})
