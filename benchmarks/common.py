@@ -109,7 +109,7 @@ def hf_from_ours(ours):
     """transformers.LlamaForCausalLM holding exactly our weights (via the exporter's mapping)."""
     import transformers
 
-    from toto.export import hf_config, to_hf_state_dict
+    from toto.model.export import hf_config, to_hf_state_dict
 
     sd, tie = to_hf_state_dict(ours)
     fields = {k: v for k, v in hf_config(ours.cfg, tie).items()

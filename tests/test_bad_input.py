@@ -356,7 +356,7 @@ def _checkpoint(tmp_path):
 
 
 def _export(tmp_path):
-    from toto.export import save_hf
+    from toto.model.export import save_hf
 
     save_hf(_tiny_model()[0], tmp_path / "hf")
 
@@ -380,7 +380,7 @@ def test_failed_write_leaves_no_tmp(write, tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
-    for module in ("safetensors.torch", "toto.train.checkpoint", "toto.export"):
+    for module in ("safetensors.torch", "toto.train.checkpoint", "toto.model.export"):
         monkeypatch.setattr(f"{module}.save_file", full_disk)
     assert safetensors.torch.save_file is full_disk
     with pytest.raises(OSError, match="No space left"):

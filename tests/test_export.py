@@ -11,7 +11,7 @@ import torch
 
 from toto.config import ModelConfig, preset
 from toto.errors import CheckpointError
-from toto.export import (export_checkpoint, from_hf_state_dict, load_hf, model_config_from_hf,
+from toto.model.export import (export_checkpoint, from_hf_state_dict, load_hf, model_config_from_hf,
                          save_hf, to_hf_state_dict)
 from toto.model.llama import Toto
 

@@ -18,7 +18,7 @@ def add_arguments(p):
 def run(args) -> int:
     import torch
 
-    from ..export import export_checkpoint
+    from ..model.export import export_checkpoint
     from ..ioutil import file_lock
 
     with file_lock(args.hf, "toto export"):  # the folder is swapped in whole: locked like a file (cli.output_lock)

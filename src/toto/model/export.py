@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import ModelConfig
-from .errors import CheckpointError
-from .ioutil import atomic_dir, atomic_write_json
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..ioutil import atomic_dir, atomic_write_json
 
 HF_LAYER = "model.layers.{i}."
 
@@ -178,7 +178,7 @@ def save_hf(model, out_dir: str | Path, extra: dict | None = None, dtype: torch.
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
     """A toto run or checkpoint folder -> an HF Llama folder at ``out_dir``."""
-    from .train.checkpoint import load_model
+    from ..train.checkpoint import load_model
 
     model, cfg, state = load_model(checkpoint)
     extra = {"checkpoint": state["path"], "step": state.get("step"), "vocab": state.get("vocab"),
@@ -189,8 +189,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, dtype: torch.
 
 def load_hf(path: str | Path):
     """A ``Toto`` model from an HF Llama folder (ours or any plain multi-head Llama)."""
-    from .model.llama import Toto
-    from .train.checkpoint import load_weights
+    from .llama import Toto
+    from ..train.checkpoint import load_weights
 
     p = Path(path)
     cfg_file, weights = p / "config.json", p / "model.safetensors"
