@@ -167,3 +167,21 @@ def test_a_task_is_a_reader_heads_and_a_metric(tmp_path):
     trained = [r for r in recs if r["model"] == "trained"]
     assert trained[-1]["val"]["probe"]["top1"] == pytest.approx(top1)
     assert done["trained"].stats.val["probe"]["top1"] == pytest.approx(top1)
+
+
+def test_precomputed_features_train_as_the_live_frozen_trunk(tmp_path):
+    """``TaskRun(precompute=n)``: a frozen run's features computed once per model (the trunk
+    dropped afterwards) train the heads to the logits of one trunk pass per epoch."""
+    from toto.tasks.base import Loop, TaskRun
+    from toto.tasks.classify import ClassifyTask
+
+    data, tok, run = _setup(tmp_path)
+    done = {}
+    for name, n in (("live", 0), ("once", 3)):
+        done[name] = TaskRun(str(run), str(tok), tmp_path / name, Loop(epochs=2, batch_size=4), head_lr=3e-3,
+                             random_init=True, progress=False, precompute=n).run(
+            ClassifyTask(data, {"probe": (1, "attentive")}))
+    for model in ("trained", "random_init"):
+        assert done["live"][model].model.trunk is not None and done["once"][model].model.trunk is None
+        torch.testing.assert_close(done["once"][model].stats.val_logits["probe"],
+                                   done["live"][model].stats.val_logits["probe"], rtol=1e-5, atol=1e-6)

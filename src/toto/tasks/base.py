@@ -175,6 +175,18 @@ class TaskModel(nn.Module):
             return {layer: code_features(h) for layer, h in hidden.items()}, ntp
         return {layer: h[:, 1:] for layer, h in hidden.items()}, ntp
 
+    @torch.no_grad()
+    def precompute(self, split: Split, batch_size: int, device, progress: bool = False, desc: str = "") -> Split:
+        """The frozen trunk's features of every row of ``split`` (tokens), computed once, for
+        heads that then train many epochs without the trunk: ``Split(features=...)``."""
+        feats: dict[int, list] = {layer: [] for layer in self.layers}
+        for s in tqdm(range(0, len(split), batch_size), desc=f"{desc}features", unit="batch", disable=not progress,
+                      leave=False, dynamic_ncols=True):
+            tokens, _ = split.batch(np.arange(s, min(s + batch_size, len(split))), device)
+            for layer, x in self.features(tokens)[0].items():
+                feats[layer].append(x.cpu())
+        return Split(split.targets, features={l: torch.cat(v) if v else torch.zeros(0) for l, v in feats.items()})
+
     def head_state(self) -> dict[str, dict[str, torch.Tensor]]:
         return {name: {k: v.detach().contiguous().cpu() for k, v in h.state_dict().items()}
                 for name, h in self.heads.items()}
@@ -599,6 +611,8 @@ class TaskRun:
     resume: bool = False
     keep: int = 2  # fine-tuned checkpoints kept
     progress: bool = True
+    precompute: int = 0  # frozen runs: > 0 computes each model's features once, in memory (forwards of this
+    # many sequences), and trains the heads on them: one trunk pass in all instead of one per epoch
 
     def run(self, task: Task) -> dict[str, Finished]:
         bb = self.load(task.spec)
@@ -633,6 +647,11 @@ class TaskRun:
             model = TaskModel(heads, trunk, train_trunk=self.finetune and self.lr > 0,
                               ntp_weight=self.ntp_weight if self.finetune else None, pad=bb.layout.pad,
                               dtype=self.dtype).to(self.torch_device)
+            data = splits
+            if self.precompute and not self.finetune:
+                data = {s: model.precompute(x, self.precompute, self.torch_device, self.progress and world()[0] == 0,
+                                            f"{name} {s} ") for s, x in splits.items()}
+                model.trunk = None  # the heads read the precomputed features from now on
             opt = make_optimizer(model, self.lr, self.head_lr, self.weight_decay, self.torch_device)
             run_id = {"model": ident, "tokenizer": bb.tok_id, "task": task.identity(), **(settings or {})}
             state = RunState(state_dir(name) if state_dir else self.out / name, run_id, resume=self.resume,
@@ -650,7 +669,7 @@ class TaskRun:
                                        "train_loss": s.train_loss, "train_ntp": s.train_ntp, "val": s.val,
                                        "val_ntp": s.val_ntp})
 
-            stats = fit(model, opt, splits["train"], splits["val"], self.loop, device=self.torch_device, task=task,
+            stats = fit(model, opt, data["train"], data["val"], self.loop, device=self.torch_device, task=task,
                         state=state, on_epoch=log, progress=self.progress, desc=f"{name} ")
             done[name] = Finished(model, stats, state)
         return done
