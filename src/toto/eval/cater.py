@@ -118,7 +118,8 @@ def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, 
              random_init: bool = True, batch_size: int = 8, device: str = "auto", progress: bool = True,
              finetune_cfg: dict | None = None) -> dict:
     """``CaterTask`` run by the framework's ``TaskRun`` twice on one token cache: frozen (an
-    attentive probe on one layer, ``toto probe``'s settings) and fine-tuned (CE + next-token
+    attentive probe on one layer, ``toto probe``'s settings, on features computed once per model)
+    and fine-tuned (CE + next-token
     loss, ``toto finetune``'s), each on ``checkpoint`` and, with ``random_init``, on the same
     architecture at random init; the oracle from ``data``'s ``cater.json``. Writes
     ``out/results.json`` and ``results.md``; ``out/<mode>/<model>/`` holds each run's per-epoch
@@ -137,8 +138,8 @@ def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, 
     probe = ProbeConfig(epochs=max(probe_epochs, 1)).validate()
     ft = FinetuneConfig(**{**(finetune_cfg or {}), "epochs": max(finetune_epochs, 1), "layer": layer,
                            "batch_size": batch_size}).validate()
-    modes = {"frozen": (probe_epochs, dict(loop=probe.loop(), head_lr=probe.lr, weight_decay=probe.weight_decay),
-                        {"probe": probe.to_dict()}),
+    modes = {"frozen": (probe_epochs, dict(loop=probe.loop(), head_lr=probe.lr, weight_decay=probe.weight_decay,
+                                           precompute=batch_size), {"probe": probe.to_dict()}),
              "finetuned": (finetune_epochs, dict(loop=ft.loop(), finetune=True, lr=ft.lr, head_lr=ft.probe_lr,
                                                  weight_decay=ft.weight_decay, ntp_weight=ft.ntp_weight,
                                                  dtype=ft.dtype), {"finetune": ft.to_dict()})}
