@@ -40,7 +40,7 @@ def _latest(out: Path) -> Path:
 def _val_sequences(data: Path, tok_path: Path):
     """The val split encoded independently of the fine-tuning code: (tokens (N, L), labels (N,))."""
     from toto.data.images import read_image
-    from toto.eval.features import scan_dataset
+    from toto.data.lists import scan_dataset
     from toto.tokenizers.base import get_tokenizer
     from toto.vocab import VocabLayout
 
@@ -214,7 +214,8 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys):
 def test_token_cache_resumes_after_a_kill_mid_encoding(tmp_path):
     """A kill during the third tokenizer call leaves two finished chunks; the rerun encodes only
     the rest, lists the unreadable file once, and gives what one uninterrupted pass gives."""
-    from toto.eval.features import SequenceSpec, scan_dataset
+    from toto.data.lists import scan_dataset
+    from toto.eval.features import SequenceSpec
     from toto.eval.features import tokenize_splits
     from toto.tokenizers.base import get_tokenizer
     from toto.vocab import VocabLayout
@@ -295,7 +296,7 @@ def test_finetuning_on_digits_learns(tmp_path):
     and above where its first epoch left it."""
     from toto.config import build_config
     from toto.data.samples import write_digit_folders
-    from toto.eval.features import scan_dataset
+    from toto.data.lists import scan_dataset
     from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
     from toto.train.checkpoint import save_checkpoint

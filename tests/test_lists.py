@@ -14,7 +14,7 @@ from PIL import Image
 from test_probe import _tiny_setup  # a patch tokenizer (16 px, 4 codes per frame) and a tiny checkpoint
 
 from toto.cli import main
-from toto.eval.features import scan_dataset
+from toto.data.lists import scan_dataset
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 
@@ -248,12 +248,12 @@ def test_kinetics_max_per_class_and_reader_compat(tmp_path):
     assert rep["dropped_max_per_class"] == 6 - 4 and rep["missing"] == 2
 
     # the reader: old space-separated lines are unchanged, tab lines keep spaces in paths and labels
-    from toto.eval.features import _read_list
+    from toto.data.lists import read_list
 
     d = tmp_path / "compat"
     d.mkdir()
     (d / "l.txt").write_text("a b/c.mp4 cls\n/abs/x.mp4\tair drumming\n  dir with space/y.mp4 \t two words \n")
-    assert _read_list(d / "l.txt") == [(d / "a b/c.mp4", "cls"), (Path("/abs/x.mp4"), "air drumming"),
+    assert read_list(d / "l.txt") == [(d / "a b/c.mp4", "cls"), (Path("/abs/x.mp4"), "air drumming"),
                                        (d / "dir with space/y.mp4", "two words")]
 
 

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from toto.errors import CheckpointError, ConfigError, DataError
-from toto.eval.features import scan_dataset
+from toto.data.lists import scan_dataset
 from toto.eval.probe import ProbeConfig, best_layer, train_probe
 from toto.tasks.base import topk_accuracy
 from toto.tasks.heads import AttentivePool, Probe

@@ -31,7 +31,7 @@ def digits(tmp_path_factory):
     from toto.config import build_config
     from toto.data.images import read_image
     from toto.data.samples import write_digit_folders
-    from toto.eval.features import scan_dataset
+    from toto.data.lists import scan_dataset
     from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
     from toto.train.checkpoint import save_checkpoint

@@ -132,7 +132,7 @@ def test_a_task_is_a_reader_heads_and_a_metric(tmp_path):
     and logits equal what the saved probe gives on features computed independently
     (``hidden_states``)."""
     from toto.data.images import read_image
-    from toto.eval.features import scan_dataset
+    from toto.data.lists import scan_dataset
     from toto.tasks.base import Loop, TaskRun
     from toto.tasks.classify import ClassifyTask
     from toto.tasks.heads import Probe

@@ -1,8 +1,10 @@
-"""Official ImageNet-1k and Kinetics distributions -> the list files `toto probe` reads.
+"""Labelled data sets: official ImageNet-1k and Kinetics distributions -> the list files
+`toto probe` reads (``write_list``), and reading them back (``scan_dataset``: a data set's
+train/val splits as list files or class folders), both here so the format has one home.
 
-A list file holds one ``path<TAB>label`` line per sample (``toto.eval.features._read_list``:
-a line with a tab is split at its last tab, so Kinetics labels keep their spaces; paths are
-relative to the list file's folder when the media lies under it, absolute otherwise).
+A list file holds one ``path<TAB>label`` line per sample (``read_list``: a line with a tab is
+split at its last tab, so Kinetics labels keep their spaces; paths are relative to the list
+file's folder when the media lies under it, absolute otherwise).
 
 - ImageNet val is a flat folder ``ILSVRC2012_val_%08d.JPEG`` labelled by Kaggle's
   ``LOC_val_solution.csv`` or by the devkit (``ILSVRC2012_validation_ground_truth.txt`` +
@@ -17,6 +19,7 @@ Media missing from a download is counted, listed in the report and left out, nev
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import re
 from collections import Counter
@@ -27,7 +30,7 @@ from tqdm import tqdm
 
 from ..errors import ConfigError, DataError
 from ..ioutil import atomic_write_bytes, atomic_write_json, read_lines
-from .media import IMAGE_EXTS
+from .media import IMAGE_EXTS, media_kind
 
 KINETICS_EXTS = frozenset({".mp4", ".mkv", ".webm"})
 KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
@@ -102,6 +105,106 @@ def write_list(result: ListResult, out: str | Path) -> Path:
     atomic_write_json(report_path, {"list": _abs(out), **result.report})
     return report_path
 
+
+# -- reading: list files or class folders -> a labelled data set -----------------------------
+
+SPLITS = ("train", "val")
+
+
+@dataclass
+class Sample:
+    path: Path
+    label: int
+
+
+@dataclass
+class LabelledDataset:
+    root: Path
+    kind: str  # "image" | "video"
+    classes: list[str]
+    splits: dict[str, list[Sample]]
+    skipped_classes: list[str] = field(default_factory=list)  # class folders without media files
+
+    def fingerprint(self, split: str) -> str:
+        """Hash of the split's (path, label, size, mtime): a changed file changes the cache key."""
+        h = hashlib.sha256()
+        for s in self.splits[split]:
+            st = s.path.stat() if s.path.exists() else None
+            h.update(f"{s.path}\t{s.label}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _scan_folders(split_dir: Path, skipped: list[str]) -> list[tuple[Path, str]]:
+    items = []
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    if not class_dirs:
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<media files>)")
+    for d in class_dirs:
+        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and media_kind(p))
+        if not files:
+            skipped.append(str(d))
+            continue
+        items += [(p, d.name) for p in files]
+    return items
+
+
+def read_list(list_file: Path) -> list[tuple[Path, str]]:
+    """The (path, label) lines of a list file, as ``write_list`` writes them."""
+    items = []
+    for n, line in enumerate(read_lines(list_file), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [s.strip() for s in line.rsplit("\t", 1)] if "\t" in line else line.rsplit(maxsplit=1)
+        if len(parts) != 2:
+            raise DataError(f"{list_file}:{n}: expected 'path label', got {line!r}")
+        path = Path(parts[0])
+        path = path if path.is_absolute() else list_file.parent / path
+        if not media_kind(path):
+            raise DataError(f"{list_file}:{n}: {path.name} has no known image or video extension")
+        items.append((path, parts[1]))
+    if not items:
+        raise DataError(f"{list_file}: no 'path label' lines")
+    return items
+
+
+def scan_dataset(root: str | Path, max_per_class: int | None = None) -> LabelledDataset:
+    """Find the train/val splits under ``root`` (class folders or list files) and label them."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder not found: {root}")
+    raw, skipped = {}, []
+    for split in SPLITS:
+        if (root / f"{split}.txt").is_file():  # a list wins over a folder beside it (ImageNet's flat val/)
+            raw[split] = read_list(root / f"{split}.txt")
+        elif (root / split).is_dir():
+            raw[split] = _scan_folders(root / split, skipped)
+        else:
+            raise DataError(f"{root}: missing the {split} split (expected a folder {root / split}/<class>/ "
+                            f"or a list file {root / split}.txt)")
+    classes = sorted({label for _, label in raw["train"]})
+    if not classes:
+        raise DataError(f"{root / 'train'}: no class has any media file")
+    index = {c: i for i, c in enumerate(classes)}
+    unknown = sorted({label for _, label in raw["val"]} - set(classes))
+    if unknown:
+        raise DataError(f"{root}: val classes {unknown[:5]} do not occur in the train split")
+    kinds = {media_kind(p) for items in raw.values() for p, _ in items}
+    if len(kinds) != 1:
+        raise DataError(f"{root}: mixes images and videos; probe one kind of media at a time")
+    splits = {}
+    for split, items in raw.items():
+        per_class: dict[str, int] = {}
+        samples = []
+        for p, label in items:
+            per_class[label] = per_class.get(label, 0) + 1
+            if max_per_class is None or per_class[label] <= max_per_class:
+                samples.append(Sample(p, index[label]))
+        splits[split] = samples
+    return LabelledDataset(root, kinds.pop(), classes, splits, skipped)
+
+
+# -- writing -------------------------------------------------------------------------------------
 
 def _abs(path) -> str:
     return str(Path(path).expanduser().absolute())

@@ -36,108 +36,15 @@ import torch
 from tqdm import tqdm
 
 from ..data.images import read_image
-from ..data.media import media_kind
+from ..data.lists import LabelledDataset, Sample
 from ..data.video import clip_windows, frame_count_hint, iter_video
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_file, atomic_write_json, read_json, read_lines
+from ..ioutil import atomic_file, atomic_write_json, read_json
 from ..train.optim import autocast_for
 from ..vocab import VocabLayout, token_dtype
 
-SPLITS = ("train", "val")
 CACHE_VERSION = 1
 TOKEN_CACHE_VERSION = 1
-
-
-@dataclass
-class Sample:
-    path: Path
-    label: int
-
-
-@dataclass
-class LabelledDataset:
-    root: Path
-    kind: str  # "image" | "video"
-    classes: list[str]
-    splits: dict[str, list[Sample]]
-    skipped_classes: list[str] = field(default_factory=list)  # class folders without media files
-
-    def fingerprint(self, split: str) -> str:
-        """Hash of the split's (path, label, size, mtime): a changed file changes the cache key."""
-        h = hashlib.sha256()
-        for s in self.splits[split]:
-            st = s.path.stat() if s.path.exists() else None
-            h.update(f"{s.path}\t{s.label}\t{st and st.st_size}\t{st and st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
-
-
-def _scan_folders(split_dir: Path, skipped: list[str]) -> list[tuple[Path, str]]:
-    items = []
-    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<media files>)")
-    for d in class_dirs:
-        files = sorted(p for p in d.iterdir() if p.is_file() and not p.name.startswith(".") and media_kind(p))
-        if not files:
-            skipped.append(str(d))
-            continue
-        items += [(p, d.name) for p in files]
-    return items
-
-
-def _read_list(list_file: Path) -> list[tuple[Path, str]]:
-    items = []
-    for n, line in enumerate(read_lines(list_file), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        parts = [s.strip() for s in line.rsplit("\t", 1)] if "\t" in line else line.rsplit(maxsplit=1)
-        if len(parts) != 2:
-            raise DataError(f"{list_file}:{n}: expected 'path label', got {line!r}")
-        path = Path(parts[0])
-        path = path if path.is_absolute() else list_file.parent / path
-        if not media_kind(path):
-            raise DataError(f"{list_file}:{n}: {path.name} has no known image or video extension")
-        items.append((path, parts[1]))
-    if not items:
-        raise DataError(f"{list_file}: no 'path label' lines")
-    return items
-
-
-def scan_dataset(root: str | Path, max_per_class: int | None = None) -> LabelledDataset:
-    """Find the train/val splits under ``root`` (class folders or list files) and label them."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"dataset folder not found: {root}")
-    raw, skipped = {}, []
-    for split in SPLITS:
-        if (root / f"{split}.txt").is_file():  # a list wins over a folder beside it (ImageNet's flat val/)
-            raw[split] = _read_list(root / f"{split}.txt")
-        elif (root / split).is_dir():
-            raw[split] = _scan_folders(root / split, skipped)
-        else:
-            raise DataError(f"{root}: missing the {split} split (expected a folder {root / split}/<class>/ "
-                            f"or a list file {root / split}.txt)")
-    classes = sorted({label for _, label in raw["train"]})
-    if not classes:
-        raise DataError(f"{root / 'train'}: no class has any media file")
-    index = {c: i for i, c in enumerate(classes)}
-    unknown = sorted({label for _, label in raw["val"]} - set(classes))
-    if unknown:
-        raise DataError(f"{root}: val classes {unknown[:5]} do not occur in the train split")
-    kinds = {media_kind(p) for items in raw.values() for p, _ in items}
-    if len(kinds) != 1:
-        raise DataError(f"{root}: mixes images and videos; probe one kind of media at a time")
-    splits = {}
-    for split, items in raw.items():
-        per_class: dict[str, int] = {}
-        samples = []
-        for p, label in items:
-            per_class[label] = per_class.get(label, 0) + 1
-            if max_per_class is None or per_class[label] <= max_per_class:
-                samples.append(Sample(p, index[label]))
-        splits[split] = samples
-    return LabelledDataset(root, kinds.pop(), classes, splits, skipped)
 
 
 # -- media -> token sequences -----------------------------------------------------------------

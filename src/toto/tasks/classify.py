@@ -2,7 +2,7 @@
 ``toto finetune`` (digits, ImageNet, Kinetics, CATER's snitch cells), and the worked example of
 docs/framework.md.
 
-    reader:  class folders or list files (toto.eval.features.scan_dataset) -> token sequences
+    reader:  class folders or list files (toto.data.lists.scan_dataset) -> token sequences
              [start] + codes + [end], encoded once into the token cache, and class ids
     heads:   attentive (the paper's probe) or average-pooling probes, each on one layer
     metric:  top-1 / top-5 / cross-entropy (toto.tasks.base.Task's defaults)
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..eval.features import SequenceSpec, scan_dataset, tokenize_splits
+from ..data.lists import scan_dataset
+from ..eval.features import SequenceSpec, tokenize_splits
 from .base import Split, Task
 from .heads import probe_heads
 
