@@ -340,7 +340,8 @@ def _gather_rows(local: torch.Tensor, n: int, rank: int, size: int, device) -> t
     width = torch.tensor([local.shape[1] if local.numel() else 0], device=device)
     dist.all_reduce(width, op=dist.ReduceOp.MAX)
     pad = torch.zeros(-(-n // size), int(width), device=device)
-    pad[:len(local)] = local.to(device)
+    if len(local):  # a rank may hold no row at all: a val split smaller than the number of ranks
+        pad[:len(local)] = local.to(device)
     parts = [torch.zeros_like(pad) for _ in range(size)]
     dist.all_gather(parts, pad)
     full = torch.zeros(n, int(width))
