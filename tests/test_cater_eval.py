@@ -4,9 +4,13 @@ from the saved per-clip predictions and the scene files."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from toto.data.cater import cater_lists
@@ -14,8 +18,9 @@ from toto.eval.cater import localization_metrics
 from toto.synth.cater import SceneConfig, generate
 
 
-def test_cater_eval_end_to_end(tmp_path, capsys):
-    from toto.cli import main
+def _setup(tmp_path):
+    """10 generated clips (every val clip also in train, so its cell is known), a patch tokenizer,
+    a random tiny checkpoint -> the ``toto cater`` arguments without ``--out``, the lists folder."""
     from toto.config import build_config
     from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
@@ -34,10 +39,19 @@ def test_cater_eval_end_to_end(tmp_path, capsys):
                                       f"model.vocab_size={8 + N_SPECIAL}", "model.max_seq_len=32"])
     torch.manual_seed(123)  # not the Trainer's seed: the random-init baseline must differ from it
     save_checkpoint(tmp_path / "run", 5, Toto(cfg.model), cfg, {"tokens": 0})
-    out = tmp_path / "eval"
     args = ["cater", "--checkpoint", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok.safetensors"),
-            "--data", str(tmp_path / "lists"), "--out", str(out), "--frames", "4", "--stride", "1",
-            "--probe-epochs", "1", "--finetune-epochs", "1", "--batch-size", "4", "--no-progress"]
+            "--data", str(tmp_path / "lists"), "--frames", "4", "--stride", "1", "--batch-size", "4", "--no-progress"]
+    return args, lists, cfg
+
+
+def test_cater_eval_end_to_end(tmp_path, capsys):
+    from toto.cli import main
+    from toto.model.llama import Toto
+
+    args, lists, cfg = _setup(tmp_path)
+    gen = tmp_path / "gen"
+    out = tmp_path / "eval"
+    args += ["--out", str(out), "--probe-epochs", "1", "--finetune-epochs", "1"]
     assert main(args) == 0
     assert "oracle: last place seen" in capsys.readouterr().out
     rep = json.loads((out / "results.json").read_text())
@@ -122,3 +136,32 @@ def test_cater_beyond_pretraining_context_through_rope_extension(tmp_path, capsy
     assert set(rep["runs"]) == {"trained_frozen", "random_init_frozen"}
     n_val = len((lists / "val.txt").read_text().split())  // 2
     assert all(e["metrics"]["all"]["n"] == n_val > 0 for e in rep["runs"].values())
+
+
+@pytest.mark.slow
+def test_cater_under_torchrun_matches_one_process(tmp_path):
+    """``toto cater`` on 2 gloo ranks (DDP; one val clip, so rank 1 holds no val row at all) gives
+    the one-process numbers: every run's metrics, and its val logits up to float rounding."""
+    args, _, _ = _setup(tmp_path)
+    args += ["--probe-epochs", "2", "--finetune-epochs", "2", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, pre in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                            "--master_port", str(_free_port())])):
+        r = subprocess.run([sys.executable, *pre, "-m", "toto", *args, "--out", str(tmp_path / out)], env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    one, two = (json.loads((tmp_path / n / "results.json").read_text())["runs"] for n in ("one", "two"))
+    assert sorted(one) == sorted(two) and len(one) == 4
+    for run, entry in one.items():
+        assert two[run]["metrics"] == entry["metrics"]
+        a, b = np.load(entry["predictions"]), np.load(two[run]["predictions"])
+        assert a["paths"].tolist() == b["paths"].tolist()
+        np.testing.assert_allclose(b["logits"], a["logits"], rtol=1e-3, atol=1e-4)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
