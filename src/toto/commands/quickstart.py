@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .argtypes import nonnegative_int, positive_int
+from .common import add_clips
 
 HELP = "run the whole pipeline (tokenize, pre-train, probe, fine-tune, track, forecast) and write a report"
 LOCKS_OUT = True  # cli.main holds --out's lock while this runs
@@ -27,8 +28,7 @@ def add_arguments(p):
     p.add_argument("--davis", metavar="ROOT", help="DAVIS-2017 layout folder (default: a synthetic set)")
     p.add_argument("--resolution", type=positive_int, help="frame size (default 64 for tiny, 128 for paper presets)")
     p.add_argument("--n-codes", type=positive_int, default=256, help="codebook size of a fitted tokenizer (default 256)")
-    p.add_argument("--frames", type=positive_int, default=16, help="frames per sequence (default 16)")
-    p.add_argument("--stride", type=positive_int, default=4, help="keep one video frame in STRIDE (default 4)")
+    add_clips(p, clip=False)
     p.add_argument("--steps", type=positive_int, help="pre-training steps (default: 800 for tiny, the preset's otherwise)")
     p.add_argument("--probe-epochs", type=positive_int, default=20)
     p.add_argument("--finetune-epochs", type=nonnegative_int, default=5,

@@ -23,7 +23,6 @@ def add_arguments(p):
     c.add_argument("--max-motions", type=int, default=None,
                    help="at most this many objects move per segment (2: CATER's max2action; default: all)")
     c.add_argument("--val-fraction", type=float, default=0.3, help="share of clips in val.txt (default 0.3, as CATER)")
-    c.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     s = sub.add_parser("sta", help="an Ego4D-style STA release: fho_sta_*.json (v1/v2), clips, object_detections.json",
                        description="Write a generated short-term anticipation release in the Ego4D layout: "
                                    "objects, a hand whose motion is the verb, exact times to contact, noisy "
@@ -39,7 +38,6 @@ def add_arguments(p):
     s.add_argument("--layout", choices=["v1", "v2"], default="v2", help="video_id (v1) or video_uid (v2) keys")
     s.add_argument("--noun-error", type=float, default=0.1, help="chance a detection's noun is random")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--no-progress", action="store_true")
 
 
 

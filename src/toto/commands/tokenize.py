@@ -7,6 +7,7 @@ import logging
 import os
 
 from .argtypes import nonnegative_int, positive_int
+from .common import add_clips
 
 
 def part_spec(text: str) -> tuple[int, int]:
@@ -36,9 +37,7 @@ def add_arguments(p):
                    help="folders (searched recursively), media files, or list files (.txt/.lst, one path a line)")
     p.add_argument("--tokenizer", required=True, metavar="FILE", help="tokenizer file (dVAE or patch safetensors)")
     p.add_argument("--out", required=True, metavar="DIR", help="output shard folder")
-    p.add_argument("--frames", type=positive_int, default=16,
-                   help="frames per video sequence and images per image sequence (default 16)")
-    p.add_argument("--stride", type=positive_int, default=4, help="keep one video frame in STRIDE (default 4)")
+    add_clips(p, clip=False, frames_help="frames per video sequence and images per image sequence (default 16)")
     p.add_argument("--short", choices=("pad", "skip"), default="pad",
                    help="videos shorter than one sequence: pad by repeating the last frame, or skip")
     p.add_argument("--workers", type=nonnegative_int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .argtypes import nonnegative_float, positive_float, positive_int
+from .common import add_device
 
 HELP = ("make a tokenizer file (convert DALL-E dVAE or taming VQGAN weights, or train a dVAE / patch codebook), "
         "inspect one, or measure its codebook coverage")
@@ -81,8 +82,7 @@ def add_arguments(p):
     s.add_argument("--max-frames", type=int, default=256, help="frames pooled from the media (default 256)")
     s.add_argument("--stride", type=int, default=4, help="keep one video frame every STRIDE (default 4)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    s.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_device(s)
     s.set_defaults(_action=_stats)
 
 
