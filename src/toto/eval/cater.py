@@ -98,13 +98,8 @@ class CaterTask(ClassifyTask):
 
     def read(self, *args, **kwargs):
         splits = super().read(*args, **kwargs)
-        self.val_names = [Path(p).name for p in self.val_paths()]
+        self.val_names = [Path(p).name for p in self.paths("val")]
         return splits
-
-    def val_paths(self) -> list[str]:
-        """The val clips the split holds, in its order (unreadable ones left out)."""
-        bad = {x["path"] for x in self.tokens["val"].skipped}
-        return [str(s.path) for s in self.ds.splits["val"] if str(s.path) not in bad]
 
     def metrics(self, logits, targets) -> dict:
         cells = np.array([int(c) for c in self.ds.classes])
@@ -126,7 +121,7 @@ def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, 
     state (a rerun resumes it) and ``val_predictions.npz``."""
     from ..ioutil import atomic_write_bytes, atomic_write_json
     from ..tasks.base import TaskRun, world
-    from .finetune import FinetuneConfig, write_predictions
+    from .finetune import FinetuneConfig
     from .probe import ProbeConfig
 
     out, data = Path(out), Path(data)
@@ -165,8 +160,7 @@ def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, 
                                                         "train_ntp": s.train_ntp, "val": s.val["probe"],
                                                         "val_ntp": s.val_ntp})
             (out / mode / name).mkdir(parents=True, exist_ok=True)
-            write_predictions(out / mode / name / "val_predictions.npz", s.val_logits["probe"],
-                              splits["val"].targets, task.val_paths(), task.ds.classes)
+            task.save_predictions(out / mode / name / "val_predictions.npz", s.val_logits["probe"])
 
         run.train(task, bb, splits, {**settings, "layer": used}, on_epoch=on_epoch)
         for name in ["trained"] + ["random_init"] * random_init:

@@ -31,15 +31,12 @@ import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
-import torch
 from tqdm import tqdm
 
 from ..commands.argtypes import nonnegative_float, nonnegative_int, positive_int
 from ..config import option
 from ..errors import ConfigError, DataError
-from ..ioutil import append_jsonl, atomic_file, atomic_write_bytes, atomic_write_json, read_jsonl
-from .features import SplitTokens
+from ..ioutil import append_jsonl, atomic_file, atomic_write_json, read_jsonl
 from .probe import ProbeConfig
 
 @dataclass
@@ -94,26 +91,6 @@ class FinetuneConfig:
 
         return Loop(self.epochs, self.batch_size, self.warmup_epochs, self.min_lr_ratio, self.grad_clip, self.seed,
                     until=until)
-
-
-def save_predictions(path: Path, logits: torch.Tensor, split: SplitTokens, ds, name: str) -> None:
-    """``logits (N, C)``, ``labels (N,)``, the samples' ``paths`` (the split's readable files, in
-    order) and the ``classes`` (index -> label text) of the latest evaluation, for task metrics
-    beyond top-k (e.g. toto.eval.cater)."""
-    bad = {x["path"] for x in split.skipped}
-    paths = [str(s.path) for s in ds.splits[name] if str(s.path) not in bad]
-    if len(paths) != len(split.labels):
-        raise DataError(f"{path}: {len(paths)} readable samples but {len(split.labels)} predictions")
-    write_predictions(path, logits, split.labels, paths, ds.classes)
-
-
-def write_predictions(path: Path, logits: torch.Tensor, labels, paths: list[str], classes: list[str]) -> None:
-    """One ``.npz`` (atomically): logits, labels, paths, classes."""
-    import io
-
-    buf = io.BytesIO()
-    np.savez(buf, logits=logits.numpy(), labels=np.asarray(labels), paths=np.array(paths), classes=np.array(classes))
-    atomic_write_bytes(path, buf.getvalue())
 
 
 # -- the whole job: checkpoint + tokenizer + dataset -> fine-tuned checkpoint and results -------
@@ -191,7 +168,7 @@ class FinetuneJob:
             if self.progress:
                 tqdm.write(f"epoch {s.epoch}: train loss {record['train_loss']:.4f}  val top-1 "
                            f"{100 * val['top1']:.1f}%  val CE {val['ce']:.4f}  val NTP {val['ntp']:.4f}")
-            save_predictions(self.out / "val_predictions.npz", s.val_logits["probe"], task.tokens["val"], ds, "val")
+            task.save_predictions(self.out / "val_predictions.npz", s.val_logits["probe"])
             self._write_results(report)
 
         run.train(task, bb, splits, {"finetune": cfg.to_dict()}, state_dir=lambda name: self.out, on_epoch=on_epoch)

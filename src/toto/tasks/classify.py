@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from ..errors import DataError
+from ..ioutil import atomic_write_bytes
 
 from ..data.lists import scan_dataset
 from ..eval.features import SequenceSpec, tokenize_splits
@@ -39,6 +43,25 @@ class ClassifyTask(Task):
         self.tokens, self.cache = tokenize_splits(self.ds, tokenizer, layout, self.spec, identity, cache,
                                                   batch_size=self.batch_size, progress=progress)
         return {s: Split(t.labels, t.tokens) for s, t in self.tokens.items()}
+
+    def paths(self, split: str) -> list[str]:
+        """The files ``split`` holds after ``read``, in its order (unreadable ones left out)."""
+        bad = {x["path"] for x in self.tokens[split].skipped}
+        paths = [str(s.path) for s in self.ds.splits[split] if str(s.path) not in bad]
+        if len(paths) != len(self.tokens[split].labels):
+            raise DataError(f"{self.data}: {len(paths)} readable {split} samples but "
+                            f"{len(self.tokens[split].labels)} token sequences")
+        return paths
+
+    def save_predictions(self, path: Path, logits: torch.Tensor, split: str = "val") -> None:
+        """One ``.npz`` (atomically): ``logits (N, C)``, ``labels (N,)``, the samples' ``paths``
+        and the ``classes`` (index -> label text), for metrics beyond top-k (e.g. toto.eval.cater)."""
+        import io
+
+        buf = io.BytesIO()
+        np.savez(buf, logits=logits.numpy(), labels=np.asarray(self.tokens[split].labels),
+                 paths=np.array(self.paths(split)), classes=np.array(self.ds.classes))
+        atomic_write_bytes(path, buf.getvalue())
 
     def heads(self, dim: int, n_heads: int) -> dict[str, tuple[int, torch.nn.Module]]:
         return probe_heads(dim, len(self.ds.classes), self.probes, self.n_heads or n_heads, self.norm, self.seed)
