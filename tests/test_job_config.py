@@ -16,6 +16,7 @@ from toto.eval.forecast import ForecastSettings
 from toto.eval.probe import ProbeConfig
 from toto.eval.tracking import PropagationConfig
 from toto.robot.bc import BCConfig
+from toto.tokenizers.train_dvae import DVAETrainConfig
 
 PROBE = ["probe", "--checkpoint", "ck", "--tokenizer", "tok", "--data", "d", "--out"]
 
@@ -44,7 +45,8 @@ def _flag(f) -> str:
 
 @pytest.mark.parametrize("command,cls", [(["probe"], ProbeConfig), (["finetune"], FinetuneConfig),
                                          (["forecast"], ForecastSettings), (["track"], PropagationConfig),
-                                         (["anticipate", "train"], StaConfig), (["robot", "train"], BCConfig)])
+                                         (["anticipate", "train"], StaConfig), (["robot", "train"], BCConfig),
+                                         (["tokenizer", "train"], DVAETrainConfig)])
 def test_every_declared_option_is_in_help(command, cls, capsys):
     assert main(command + ["--help"]) == 0
     text = "".join(capsys.readouterr().out.split())  # argparse wraps lines, even inside hyphenated words
@@ -52,7 +54,7 @@ def test_every_declared_option_is_in_help(command, cls, capsys):
     assert declared
     for f in declared:
         if f.metadata["help"] and not isinstance(f.default, bool):
-            metavar = f.metadata.get("metavar", f.name.upper())
+            metavar = f.metadata.get("metavar", _flag(f)[2:].replace("-", "_").upper())
             assert _flag(f) + metavar in text or _flag(f) + "{" in text  # --lr LR, --norm {a,b}
             assert "".join(f.metadata["help"].split()) in text
 

@@ -86,18 +86,17 @@ def add_options(p, cls, section: str, only: tuple[str, ...] | None = None, title
             continue
         default = f.default
         kw = dict(dest=_dest(section, f.name), default=argparse.SUPPRESS)
-        flag = md.get("flag")
+        flag = md.get("flag") or ("--no-" if default is True else "--") + f.name.replace("_", "-")
         if isinstance(default, bool):
             kw["action"] = "store_false" if default else "store_true"
-            flag = flag or ("--no-" if default else "--") + f.name.replace("_", "-")
             help = md["help"]
         else:
-            kw["type"] = _parser(cls, f.name, flag or "--" + f.name.replace("_", "-"))
-            kw["metavar"] = md.get("metavar", None if "choices" in md else f.name.upper())
+            kw["type"] = _parser(cls, f.name, flag)
+            kw["metavar"] = md.get("metavar", None if "choices" in md else flag[2:].replace("-", "_").upper())
             if "choices" in md:
                 kw["choices"] = md["choices"]
             help = md["help"] if default is None or "default" in md["help"] else f"{md['help']} (default {default})".lstrip()
-        g.add_argument(flag or "--" + f.name.replace("_", "-"), help=help, **kw)
+        g.add_argument(flag, help=help, **kw)
 
 
 def add_job_config(p, section: str) -> None:
@@ -107,8 +106,9 @@ def add_job_config(p, section: str) -> None:
                    help=f"settings overrides (before the flags' values), e.g. {section}.seed=1")
 
 
-def job_config(cls, section: str, args):
-    """The job's ``cls`` from defaults, --config, overrides and the flags given; validated."""
+def job_config(cls, section: str, args, **shared):
+    """The job's ``cls`` from defaults, --config, overrides and the flags given (``shared``: fields
+    set from the command's own flags, e.g. a size two tokenizer kinds share); validated."""
     prefix = section + "."
-    given = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    given = {**shared, **{k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}}
     return build_section(cls, section, getattr(args, "config", None), getattr(args, "overrides", None), given)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .argtypes import nonnegative_float, positive_float, positive_int
-from .common import add_device
+from .argtypes import positive_int
+from .common import add_device, add_job_config, add_options, job_config
 
 HELP = ("make a tokenizer file (convert DALL-E dVAE or taming VQGAN weights, or train a dVAE / patch codebook), "
         "inspect one, or measure its codebook coverage")
 
 
 def add_arguments(p):
+    from ..tokenizers.train_dvae import DVAETrainConfig
+
     sub = p.add_subparsers(dest="tokenizer_command", metavar="ACTION", required=True)
 
     c = sub.add_parser("convert-dalle", help="convert OpenAI's encoder.pkl/decoder.pkl into one safetensors file",
@@ -52,17 +54,9 @@ def add_arguments(p):
     t.add_argument("--stride", type=positive_int, default=4, help="keep one video frame every STRIDE (default 4)")
     t.add_argument("--n-codes", type=positive_int, default=512, help="codebook size (default 512)")
     t.add_argument("--seed", type=int, default=0)
-    d = t.add_argument_group("dvae options (defaults: a tiny dVAE that trains on a CPU)")
-    d.add_argument("--n-hid", type=positive_int, help="width of the first group (DALL-E: 256; default 32)")
-    d.add_argument("--blocks", type=positive_int, dest="n_blk_per_group", help="residual blocks per group (DALL-E: 2; default 1)")
-    d.add_argument("--groups", type=positive_int, dest="group_count",
-                   help="groups; downsampling is 2**(groups-1) (DALL-E: 4, i.e. 8x; default 4)")
-    d.add_argument("--steps", type=positive_int, help="optimizer steps (default 2000)")
-    d.add_argument("--batch", type=positive_int, dest="batch_size", help="frames per step (default 16)")
-    d.add_argument("--lr", type=positive_float, help="peak learning rate (default 2e-3)")
-    d.add_argument("--kl-weight", type=nonnegative_float, help="final KL weight (default 6.6, as DALL-E)")
-    d.add_argument("--device", help="auto (default), cpu or cuda")
-    d.add_argument("--restart", action="store_true", help="ignore an existing checkpoint and start over")
+    t.add_argument("--restart", action="store_true", help="ignore an existing dVAE checkpoint and start over")
+    add_job_config(t, "dvae")
+    add_options(t, DVAETrainConfig, "dvae", title="dvae options (defaults: a tiny dVAE that trains on a CPU)")
     pt = t.add_argument_group("patch options")
     pt.add_argument("--patch", type=positive_int, default=8, help="patch size in pixels (default 8)")
     t.set_defaults(_action=_train, _locks_out="file")
@@ -132,9 +126,8 @@ def _train(args) -> int:
         from ..device import resolve_device
         from ..tokenizers.train_dvae import DVAETrainConfig, train_dvae
 
-        opts = {k: getattr(args, k) for k in ("n_hid", "n_blk_per_group", "group_count", "steps", "batch_size",
-                                              "lr", "kl_weight", "device") if getattr(args, k) is not None}
-        cfg = DVAETrainConfig(vocab_size=args.n_codes, resolution=args.resolution, seed=args.seed, **opts).validate()
+        cfg = job_config(DVAETrainConfig, "dvae", args,
+                         vocab_size=args.n_codes, resolution=args.resolution, seed=args.seed)
         resolve_device(cfg.device)
     elif args.patch < 1 or args.resolution % args.patch:
         raise ConfigError(f"--resolution {args.resolution} is not a multiple of --patch {args.patch}")

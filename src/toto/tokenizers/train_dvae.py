@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..commands.argtypes import nonnegative_float, positive_float, positive_int
+from ..config import DEVICE_HELP, option
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_json
@@ -51,28 +53,31 @@ from .stats import codebook_usage, mse_to_psnr, psnr
 class DVAETrainConfig:
     # architecture (see DVAEConfig); the defaults are a tiny dVAE that trains on a CPU in minutes
     vocab_size: int = 512
-    n_hid: int = 32
-    n_blk_per_group: int = 1
-    group_count: int = 4  # downsampling 2**(group_count-1) = 8, as DALL-E
+    n_hid: int = option(32, "width of the first group (DALL-E: 256; default 32)", type=positive_int)
+    n_blk_per_group: int = option(1, "residual blocks per group (DALL-E: 2; default 1)", flag="--blocks",
+                                  type=positive_int)
+    group_count: int = option(4, "groups; downsampling is 2**(groups-1) (DALL-E: 4, i.e. 8x; default 4)",
+                              flag="--groups", type=positive_int)
     n_init: int = 64
     resolution: int = 64
     # optimisation
-    steps: int = 2000
-    batch_size: int = 16
-    lr: float = 2e-3
+    steps: int = option(2000, "optimizer steps", type=positive_int)
+    batch_size: int = option(16, "frames per step", flag="--batch", type=positive_int)
+    lr: float = option(2e-3, "peak learning rate", type=positive_float)
     lr_final_frac: float = 0.1
     weight_decay: float = 0.0
     # relaxation and prior
     tau_start: float = 1.0
     tau_end: float = 1 / 16
     anneal_frac: float = 0.8
-    kl_weight: float = 6.6  # DALL-E's value; raised codebook usage 3.7% -> 21% in our 64 px CPU run
+    # DALL-E's value; raised codebook usage 3.7% -> 21% in our 64 px CPU run
+    kl_weight: float = option(6.6, "final KL weight (default 6.6, as DALL-E)", type=nonnegative_float)
     kl_warmup_frac: float = 0.2
     # bookkeeping
     val_frac: float = 0.1
     flip: bool = True  # random horizontal flips of training frames
     seed: int = 0
-    device: str = "auto"
+    device: str = option("auto", DEVICE_HELP)
     log_every: int = 25
     ckpt_every: int = 200
     n_samples: int = 8  # frames shown in the sample grid
