@@ -153,13 +153,12 @@ def _train(args) -> int:
                 action_dim=int(episodes[0].actions.shape[1]), task=task, resolution=resolution)
     runs = []  # (name, spec, encoder)
     if args.checkpoint:
-        n = _model_layers(args.checkpoint)
-        groups = _layer_groups(args.layers) if args.layers else [[n // 2], [n]]
-        kinds = ["toto"] + ([] if args.no_random_init else ["toto-random"])
-        for kind in kinds:
+        bb = TotoEncoder.backbone(args.checkpoint, args.tokenizer, args.context, args.device)
+        groups = _layer_groups(args.layers) if args.layers else [[bb.n_layers // 2], [bb.n_layers]]
+        for which, (model, _) in bb.models(not args.no_random_init).items():
+            kind = {"trained": "toto", "random_init": "toto-random"}[which]
             for g in groups:
-                enc = TotoEncoder.load(args.checkpoint, args.tokenizer, g, args.context,
-                                       random_init=kind == "toto-random", device=args.device)
+                enc = TotoEncoder.of(bb, model, g, args.context)
                 spec = PolicySpec(encoder=kind, feat_dim=enc.dim, layers=g, checkpoint=str(args.checkpoint),
                                   tokenizer=str(args.tokenizer), **base)
                 runs.append((f"{kind}_L{'+'.join(map(str, g))}", spec, enc))

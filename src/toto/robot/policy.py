@@ -60,17 +60,27 @@ class TotoEncoder:
         self.dim = model.cfg.dim * len(self.layers)
         self.device = next(model.parameters()).device
 
-    @classmethod
-    def load(cls, checkpoint: str | Path, tokenizer: str | Path, layers: list[int], context: int,
-             random_init: bool = False, device: str | torch.device = "cpu") -> "TotoEncoder":
+    @staticmethod
+    def backbone(checkpoint: str | Path, tokenizer: str | Path, context: int, device: str | torch.device = "cpu"):
+        """The framework's loader (toto.eval.backbone) for ``context``-frame windows: checkpoint and
+        tokenizer checked to belong together; its ``models()`` gives the trained model and the
+        random-init baseline (the run's step-0 weights)."""
         from ..eval.backbone import load_backbone
         from ..eval.features import SequenceSpec
 
         spec = SequenceSpec("video" if context > 1 else "image", frames=context, stride=1)
-        bb = load_backbone(checkpoint, tokenizer, spec, device)
-        bb.check_layers(layers, "--layers")
-        model = bb.random_init() if random_init else bb.model  # random_init: the run's step-0 weights
-        return cls(model, bb.layout, bb.tokenizer, layers, context)
+        return load_backbone(checkpoint, tokenizer, spec, device)
+
+    @classmethod
+    def load(cls, checkpoint: str | Path, tokenizer: str | Path, layers: list[int], context: int,
+             random_init: bool = False, device: str | torch.device = "cpu") -> "TotoEncoder":
+        bb = cls.backbone(checkpoint, tokenizer, context, device)
+        return cls.of(bb, bb.random_init() if random_init else bb.model, layers, context)
+
+    @classmethod
+    def of(cls, bb, model, layers: list[int], context: int) -> "TotoEncoder":
+        """An encoder on ``model`` (``bb.model`` or its random-init baseline), layers checked."""
+        return cls(model, bb.layout, bb.tokenizer, bb.check_layers(layers, "--layers"), context)
 
     @torch.no_grad()
     def __call__(self, frames: np.ndarray) -> torch.Tensor:
