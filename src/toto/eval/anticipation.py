@@ -357,6 +357,8 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
               progress: bool = True) -> dict:
     """Train the head (and in ``finetune`` mode the trunk); a state file after every epoch makes
     a killed run resume exactly (batch order is a function of (seed, epoch))."""
+    from ..tasks.base import batch_order
+
     cfg = sta.cfg
     finetune = cfg.mode == "finetune"
     for p in sta.model.parameters():
@@ -387,7 +389,7 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
     for epoch in range(start, cfg.epochs):
         sta.head.train()
         sta.model.train(finetune)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        order = batch_order(n, cfg.seed, epoch)  # the task framework's order: a function of (seed, epoch)
         sums = np.zeros(3)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False)
         for b in bar:
