@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_shards
 
 from toto.cli import build_parser, main
@@ -387,3 +388,60 @@ def test_failed_write_leaves_no_tmp(write, tmp_path, monkeypatch):
         write(tmp_path)
     left = [p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() or "tmp" in p.name]
     assert left == [], left
+
+
+def _disk_fills_on_call(monkeypatch, target: str, n: int, path_arg: int = 0) -> None:
+    """The disk fills during the ``n``-th call of ``target`` (a writer whose argument ``path_arg``
+    is the file), after part of the file is written."""
+    import importlib
+
+    module, name = target.rsplit(".", 1)
+    real, calls = getattr(importlib.import_module(module), name), []
+
+    def write(*a, **k):
+        calls.append(path := Path(a[path_arg]))
+        if len(calls) == n:
+            path.with_name(path.name + ".tmp").write_bytes(b"partial")  # what a full disk leaves mid-write
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(*a, **k)
+
+    monkeypatch.setattr(target, write)
+
+
+def test_full_disk_during_tokenize_is_one_line_and_resumes_to_the_same_shards(inputs, tmp_path, capsys, monkeypatch):
+    """The disk fills while the second shard is written: one line, exit 2; after space is freed
+    `--resume` ends with the bytes of an uninterrupted run."""
+    argv = ["tokenize", inputs["images"], "--tokenizer", inputs["tok"], "--frames", "1", "--shard-size", "1",
+            "--workers", "0", "--no-progress"]
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "clean"]]) == 0
+    with monkeypatch.context() as m:
+        _disk_fills_on_call(m, "toto.data.shards.atomic_write_bytes", 2)
+        err = _one_line_error(capsys, [*argv, "--out", tmp_path / "full"])
+    assert "no space left on device" in err
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "full", "--resume"]]) == 0
+    clean = {p.name: p.read_bytes() for p in (tmp_path / "clean").glob("*.bin")}
+    assert len(clean) == 4 and {p.name: p.read_bytes() for p in (tmp_path / "full").glob("*.bin")} == clean
+
+
+def test_full_disk_during_train_checkpoint_is_one_line_and_resumes(inputs, tmp_path, capsys, monkeypatch):
+    """The disk fills while the step-2 checkpoint is written: one line, exit 2, step 1 kept;
+    `--resume` then ends where an uninterrupted run ends (same losses, same weights)."""
+    from safetensors.torch import load_file
+
+    argv = ["train", "--preset", "tiny", "--data", inputs["shards"], "--steps", "3", "train.ckpt_interval=1",
+            "train.eval_interval=100", "train.log_interval=1", "train.batch_tokens=64", "train.micro_batch_size=4",
+            "--no-progress"]
+    assert main([str(a) for a in [*argv, "--out", tmp_path / "clean"]]) == 0
+    with monkeypatch.context() as m:
+        _disk_fills_on_call(m, "toto.train.checkpoint.save_file", 3, path_arg=1)  # step 1: model + optimizer; step 2: model
+        err = _one_line_error(capsys, [*argv, "--out", tmp_path / "full"])
+    assert "no space left on device" in err
+    ckpts = tmp_path / "full" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_00000001"]
+    assert main([str(a) for a in ["train", "--out", tmp_path / "full", "--resume", "--steps", "3", "--no-progress"]]) == 0
+    from toto.ioutil import read_jsonl
+
+    loss = [[r["loss"] for r in read_jsonl(tmp_path / d / "metrics.jsonl") if "loss" in r] for d in ("clean", "full")]
+    assert loss[0] == loss[1] and len(loss[0]) == 3
+    a, b = (load_file(str(tmp_path / d / "checkpoints" / "step_00000003" / "model.safetensors")) for d in ("clean", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
