@@ -83,3 +83,40 @@ def unreadable_val_dataset(root: Path) -> Path:
                 else:
                     Image.fromarray(np.full((16, 16, 3), 100 * i, np.uint8)).save(p)
     return root
+
+
+@pytest.fixture(scope="session")
+def eval_world(tmp_path_factory):
+    """For the evaluation entry points: ``run``, a tiny checkpoint trained with tokenizer ``tok``
+    (16 codes, 16 px, recorded in its state); ``other``: the same kind, size and resolution with
+    another codebook, so only the weights' hash differs; ``data``, 2 classes x 2 images per split."""
+    import json
+
+    from PIL import Image
+
+    from toto.config import Config, ModelConfig
+    from toto.model.llama import Toto
+    from toto.tokenizers.patch import PatchTokenizer
+    from toto.train.checkpoint import save_checkpoint
+    from toto.vocab import VocabLayout
+
+    d = tmp_path_factory.mktemp("backbone")
+    rng = np.random.default_rng(0)
+    cb = rng.uniform(0, 255, (16, 8 * 8 * 3)).astype(np.float32)
+    tok = PatchTokenizer(cb, patch=8, resolution=16)
+    tok.save(d / "tok.safetensors")
+    PatchTokenizer(cb[::-1].copy(), patch=8, resolution=16).save(d / "other.safetensors")
+    layout = VocabLayout(n_codes=16)
+    cfg = Config(model=ModelConfig(n_layers=2, n_heads=2, dim=16, ffn_dim=32, vocab_size=layout.vocab_size,
+                                   max_seq_len=64))
+    cfg.train.seed = 7
+    torch.manual_seed(0)
+    save_checkpoint(d / "run", 1, Toto(cfg.model), cfg, {"vocab": layout.to_dict(), "tokenizer": tok.identity()})
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (d / "data" / split / c).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+                    d / "data" / split / c / f"{i}.png")
+    (d / "data" / "cater.json").write_text(json.dumps({"videos": {}}))
+    return d

@@ -142,17 +142,17 @@ def test_killed_run_resumes_exactly(setup, monkeypatch):
     args = (run, tok, rel / "annotations", rel / "clips", rel / "object_detections.json")
     cfg = dict(frames=4, stride=2, epochs=2, batch_size=4)
     whole = anticipation.train_job(*args, root / "whole", StaConfig(**cfg), False, "cpu", False)
-    real, calls = anticipation.atomic_write_bytes, []
+    real, calls = anticipation.save_state, []
 
-    def dies_after_first_epoch(path, data):
-        real(path, data)
+    def dies_after_first_epoch(path, state):
+        real(path, state)
         calls.append(path)
         raise KeyboardInterrupt  # the kill, right after epoch 1's state is on disk
 
-    monkeypatch.setattr(anticipation, "atomic_write_bytes", dies_after_first_epoch)
+    monkeypatch.setattr(anticipation, "save_state", dies_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         anticipation.train_job(*args, root / "killed", StaConfig(**cfg), False, "cpu", False)
-    monkeypatch.setattr(anticipation, "atomic_write_bytes", real)
+    monkeypatch.setattr(anticipation, "save_state", real)
     resumed = anticipation.train_job(*args, root / "killed", StaConfig(**cfg), False, "cpu", False)
     assert len(calls) == 1 and resumed["history"] == whole["history"]
     a, b = load_file(str(root / "whole" / "sta.safetensors")), load_file(str(root / "killed" / "sta.safetensors"))

@@ -4,50 +4,12 @@ Trainer's step-0 draw."""
 
 from __future__ import annotations
 
-import json
-
-import numpy as np
 import pytest
 import torch
 
 from toto.cli import main
 
-N_CODES, RES = 16, 16  # a 2x2 grid of 8 px patches
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A checkpoint trained with tokenizer ``tok`` (recorded in its state); ``other``: the same
-    kind, size and resolution with another codebook, so only the weights' hash differs; a tiny
-    image dataset in class folders."""
-    from PIL import Image
-
-    from toto.config import Config, ModelConfig
-    from toto.model.llama import Toto
-    from toto.tokenizers.patch import PatchTokenizer
-    from toto.train.checkpoint import save_checkpoint
-    from toto.vocab import VocabLayout
-
-    d = tmp_path_factory.mktemp("backbone")
-    rng = np.random.default_rng(0)
-    cb = rng.uniform(0, 255, (N_CODES, 8 * 8 * 3)).astype(np.float32)
-    tok = PatchTokenizer(cb, patch=8, resolution=RES)
-    tok.save(d / "tok.safetensors")
-    PatchTokenizer(cb[::-1].copy(), patch=8, resolution=RES).save(d / "other.safetensors")
-    layout = VocabLayout(n_codes=N_CODES)
-    cfg = Config(model=ModelConfig(n_layers=2, n_heads=2, dim=16, ffn_dim=32, vocab_size=layout.vocab_size,
-                                   max_seq_len=64))
-    cfg.train.seed = 7
-    torch.manual_seed(0)
-    save_checkpoint(d / "run", 1, Toto(cfg.model), cfg, {"vocab": layout.to_dict(), "tokenizer": tok.identity()})
-    for split in ("train", "val"):
-        for c in ("a", "b"):
-            (d / "data" / split / c).mkdir(parents=True)
-            for i in range(2):
-                Image.fromarray(rng.integers(0, 255, (RES, RES, 3), dtype=np.uint8)).save(
-                    d / "data" / split / c / f"{i}.png")
-    (d / "data" / "cater.json").write_text(json.dumps({"videos": {}}))
-    return d
+N_CODES = 16  # eval_world's tokenizer (tests/conftest.py)
 
 
 def _robot(d, tok, out):
@@ -70,8 +32,8 @@ ENTRY_POINTS = {
 
 
 @pytest.mark.parametrize("entry", list(ENTRY_POINTS))
-def test_every_entry_point_refuses_another_tokenizer_through_the_one_check(entry, world, tmp_path, monkeypatch,
-                                                                          capsys):
+def test_every_entry_point_refuses_another_tokenizer_through_the_one_check(entry, eval_world, tmp_path,
+                                                                          monkeypatch, capsys):
     import toto.eval.backbone as backbone
     from toto.errors import CheckpointError
 
@@ -86,11 +48,12 @@ def test_every_entry_point_refuses_another_tokenizer_through_the_one_check(entry
     out = tmp_path / "out"
     if entry == "robot encoder":  # `toto robot train` needs MuJoCo demos; its encoder is loaded here
         with pytest.raises(CheckpointError) as e:
-            _robot(world, world / "other.safetensors", out)
+            _robot(eval_world, eval_world / "other.safetensors", out)
         err = str(e.value) + "\n"
     else:
-        argv = [*ENTRY_POINTS[entry](world, world / "other.safetensors", out), "--checkpoint", world / "run", "--tokenizer", world / "other.safetensors", "--out", out,
-                "--no-progress", "--device", "cpu"]
+        argv = [*ENTRY_POINTS[entry](eval_world, eval_world / "other.safetensors", out), "--checkpoint",
+                eval_world / "run", "--tokenizer", eval_world / "other.safetensors", "--out", out, "--no-progress",
+                "--device", "cpu"]
         assert main(list(map(str, argv))) == 2
         err = capsys.readouterr().err
     assert len(calls) == 1 and calls[0].endswith("step_00000001")  # the one check, once, on the checkpoint
@@ -98,13 +61,13 @@ def test_every_entry_point_refuses_another_tokenizer_through_the_one_check(entry
     assert "step_00000001" in err
 
 
-def test_random_init_is_the_trainers_step0_draw_and_the_layers_are_checked(world):
+def test_random_init_is_the_trainers_step0_draw_and_the_layers_are_checked(eval_world):
     from toto.errors import ConfigError
     from toto.eval.backbone import load_backbone
     from toto.eval.features import SequenceSpec
     from toto.model.llama import Toto
 
-    bb = load_backbone(world / "run", world / "tok.safetensors", SequenceSpec("image"), "cpu")
+    bb = load_backbone(eval_world / "run", eval_world / "tok.safetensors", SequenceSpec("image"), "cpu")
     assert bb.layout.n_codes == N_CODES and bb.tok_id["weights_sha256"] == bb.tokenizer.fingerprint()
     torch.manual_seed(7)  # the run's train.seed, as Trainer seeds step 0
     want = Toto(bb.cfg.model).state_dict()

@@ -326,15 +326,16 @@ def test_detokenize_into_a_folder_writes_no_hidden_files(inputs, tmp_path, capsy
 
 def test_truncated_probe_cache_chunk_is_named(tmp_path):
     import torch
-    from safetensors.torch import save_file
 
+    from toto.eval.cache import ChunkCache
     from toto.eval.features import SplitFeatures
 
-    save_file({"layer0": torch.zeros(4, 3, 8, dtype=torch.float16)}, str(tmp_path / "train_00000.safetensors"))
-    feats = SplitFeatures(tmp_path, "train", ["train_00000.safetensors"], torch.zeros(4, dtype=torch.long))
+    cache = ChunkCache(tmp_path, {"t": 1}, ["train"])
+    cache.put("train", 0, {"layer0": np.zeros((4, 3, 8), np.float16)}, 4)
+    feats = SplitFeatures(cache, "train", torch.zeros(4, dtype=torch.long))
     assert feats.layer(0).shape == (4, 3, 8)
-    _truncate(tmp_path / "train_00000.safetensors")
-    with pytest.raises(DataError, match="train_00000.safetensors: corrupt or truncated feature cache"):
+    _truncate(cache.folder / "train_00000.safetensors")
+    with pytest.raises(DataError, match="train_00000.safetensors: corrupt or truncated cache file"):
         feats.layer(0)
 
 

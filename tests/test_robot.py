@@ -146,7 +146,7 @@ def test_bc_train_resumes_exactly_and_rollout_uses_the_training_features(setup, 
             "--batch-size", "32", "--no-progress"]
     assert main(args + ["--out", str(tmp_path / "full"), "--cache", str(tmp_path / "cache")]) == 0
 
-    real, calls = bc._save_state, []
+    real, calls = bc.save_state, []
 
     def killed_after_two(path, state):  # the process dies right after epoch 2's state is on disk
         real(path, state)
@@ -154,7 +154,7 @@ def test_bc_train_resumes_exactly_and_rollout_uses_the_training_features(setup, 
         if state["epoch"] == 2 and len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(bc, "_save_state", killed_after_two)
+    monkeypatch.setattr(bc, "save_state", killed_after_two)
     assert main(args + ["--out", str(tmp_path / "cut"), "--cache", str(tmp_path / "cache")]) == 130
     assert not (tmp_path / "cut" / "toto_L1+2" / "policy").exists()
     assert main(args + ["--out", str(tmp_path / "cut"), "--cache", str(tmp_path / "cache")]) == 0
@@ -162,7 +162,7 @@ def test_bc_train_resumes_exactly_and_rollout_uses_the_training_features(setup, 
     for name in ("toto_L1+2", "cnn"):
         a, b = _weights(tmp_path / "full" / name), _weights(tmp_path / "cut" / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # features computed once, reused
+    assert len(list((tmp_path / "cache").glob("*/*.safetensors"))) == 1  # features computed once, reused
 
     # the rollout path (history deque + live encoder) gives the action the head learned from cached features
     from safetensors.torch import load_file
@@ -170,7 +170,7 @@ def test_bc_train_resumes_exactly_and_rollout_uses_the_training_features(setup, 
     from toto.robot.policy import Policy, window_index
 
     pol = Policy.load(tmp_path / "full" / "toto_L1+2" / "policy")
-    feats = load_file(str(next((tmp_path / "cache").glob("*.safetensors"))))["features"]
+    feats = load_file(str(next((tmp_path / "cache").glob("*/*.safetensors"))))["features"]
     ep = setup["eps"][0]
     assert len(feats) == sum(len(e.actions) for e in setup["eps"])
     np.testing.assert_array_equal(window_index([3, 2], 2), [[0, 0], [0, 1], [1, 2], [3, 3], [3, 4]])

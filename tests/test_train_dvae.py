@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import conftest
-from toto.errors import CheckpointError, DataError
+from toto.errors import CheckpointError, ConfigError, DataError
 from toto.tokenizers.base import get_tokenizer
 from toto.tokenizers.dvae import DVAETokenizer
 from toto.tokenizers import train_dvae as td
@@ -112,12 +112,12 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
 
     real_lr = td.learning_rate
 
-    def crash_at_25(c, step):
-        if step == 25:
+    def crash_at_27(c, step):  # after step 25 is logged, before the next checkpoint (30)
+        if step == 27:
             raise KeyboardInterrupt
         return real_lr(c, step)
 
-    monkeypatch.setattr(td, "learning_rate", crash_at_25)
+    monkeypatch.setattr(td, "learning_rate", crash_at_27)
     with pytest.raises(KeyboardInterrupt):
         train_dvae(frames, cfg, tmp_path / "b.safetensors", progress=False)
     assert not (tmp_path / "b.safetensors").exists()
@@ -125,6 +125,8 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, monkeypatch):
     assert state["step"] == 20
     monkeypatch.setattr(td, "learning_rate", real_lr)
     resumed, _ = train_dvae(frames, cfg, tmp_path / "b.safetensors", progress=False)
+    steps = [json.loads(s)["step"] for s in (tmp_path / "b.train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 10, 15, 20, 25, 30]  # step 25's record, logged after the checkpoint, is not doubled
     a, b = full.tensors(), resumed.tensors()
     assert a.keys() == b.keys()
     for k in a:
@@ -135,7 +137,7 @@ def test_resume_refuses_other_config_or_frames(tmp_path):
     frames = photo_frames(16, 10)
     out = tmp_path / "t.safetensors"
     train_dvae(frames, tiny(steps=10), out, progress=False)
-    with pytest.raises(CheckpointError, match="differs in lr"):
+    with pytest.raises(ConfigError, match=r"other settings: lr \(0.003 -> 0.01\)"):
         train_dvae(frames, tiny(steps=10, lr=1e-2), out, progress=False)
     with pytest.raises(CheckpointError, match="different frames"):
         train_dvae(photo_frames(16, 10, seed=5), tiny(steps=10), out, progress=False)

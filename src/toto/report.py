@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .ioutil import atomic_file, atomic_write_bytes, read_jsonl
+from .ioutil import atomic_file, atomic_write_bytes, read_jsonl, save_figure
 
 
 def _plt():
@@ -45,9 +45,7 @@ def plot_loss(run_dir: Path, path: Path, uniform: float | None = None) -> bool:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

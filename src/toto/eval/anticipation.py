@@ -23,7 +23,6 @@ next-token loss when the trunk is fine-tuned (the paper's fine-tuning recipe).
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -38,7 +37,8 @@ from tqdm import tqdm
 from ..data.sta import StaExample, StaSplit
 from ..config import option
 from ..errors import CheckpointError, ConfigError, DataError
-from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_file, atomic_write_json
+from ..jobstate import load_state, refuse_changed, save_state
 from ..train.optim import adamw, cosine_lr, shift_targets
 from .roi_align import roi_align
 from .sta_metric import CHALLENGE, VERSION, Objects, box_iou, sta_map
@@ -375,9 +375,8 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
     state_path = out / "state.pt"
     history, start = [], 0
     if state_path.exists():
-        st = torch.load(state_path, map_location=sta.device, weights_only=False)
-        if st["config"] != asdict(cfg):
-            raise CheckpointError(f"{state_path}: written with other settings ({st['config']}); use another --out")
+        st = load_state(state_path, sta.device)
+        refuse_changed(st["config"], asdict(cfg), state_path)
         sta.head.load_state_dict(st["head"])
         if finetune:
             sta.model.load_state_dict(st["trunk"])
@@ -411,11 +410,9 @@ def train_sta(sta: StaModel, train: Prepared, val: Prepared, val_ndet: list[int]
         if epoch + 1 == cfg.epochs or (epoch + 1) % 5 == 0:
             rec["val"] = score_results(sta.predict(val, val_ndet, val_cached), val)
         history.append(rec)
-        buf = io.BytesIO()
-        torch.save({"config": asdict(cfg), "head": sta.head.state_dict(), "optimizer": opt.state_dict(),
-                    "trunk": sta.model.state_dict() if finetune else None, "history": history,
-                    "epoch": epoch + 1, "rng": torch.get_rng_state()}, buf)
-        atomic_write_bytes(state_path, buf.getvalue())
+        save_state(state_path, {"config": asdict(cfg), "head": sta.head.state_dict(), "optimizer": opt.state_dict(),
+                                "trunk": sta.model.state_dict() if finetune else None, "history": history,
+                                "epoch": epoch + 1, "rng": torch.get_rng_state()})
     return {"history": history, "val": history[-1].get("val") if history else None,
             "val_results": sta.predict(val, val_ndet, val_cached)}
 

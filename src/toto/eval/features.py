@@ -15,8 +15,9 @@ video becomes ``[1] + codes`` of its first ``frames`` kept frames (stride and re
 pre-training, short videos padded by repeating the last frame). The final ``[2]`` is not fed:
 the features of every visual code position are kept, ``(T, D)`` per sample, T = frames x grid.
 
-Cache folder (one per model x tokenizer x dataset x settings; ``manifest.json`` records the
-identity that produced it and which chunks are done, so a killed extraction resumes):
+Cache folder (toto.eval.cache: one per model x tokenizer x dataset x settings; ``manifest.json``
+records the identity that produced it, which chunks are done, so a killed extraction resumes,
+and a checksum per array, checked at every read):
 
     <cache>/manifest.json
     <cache>/<split>_<chunk:05d>.safetensors   "layer<i>": (n, T, D) float16, "labels": (n,) int64,
@@ -26,8 +27,6 @@ identity that produced it and which chunks are done, so a killed extraction resu
 from __future__ import annotations
 
 import collections
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,12 +38,12 @@ from ..data.images import read_image
 from ..data.lists import LabelledDataset, Sample
 from ..data.video import clip_windows, frame_count_hint, iter_video
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_file, atomic_write_json, read_json
 from ..train.optim import autocast_for
 from ..vocab import VocabLayout, token_dtype
+from .cache import ChunkCache
 
-CACHE_VERSION = 1
-TOKEN_CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: a checksum per array (toto.eval.cache)
+TOKEN_CACHE_VERSION = 2
 
 
 # -- media -> token sequences -----------------------------------------------------------------
@@ -158,33 +157,17 @@ def file_identity(path: str | Path) -> dict:
     return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def cache_key(identity: dict) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def open_chunk_cache(cache_root: str | Path, identity: dict, ds: LabelledDataset) -> tuple[Path, dict]:
-    """The cache folder for ``identity`` plus the dataset's, and its manifest: resumed when the
-    identity matches, started afresh otherwise (so a changed input never reuses stale chunks)."""
-    ident = {**identity, "dataset": {"root": str(ds.root.resolve()), "classes": ds.classes,
-                                     **{s: ds.fingerprint(s) for s in ds.splits}}}
-    cache = Path(cache_root) / cache_key(ident)
-    cache.mkdir(parents=True, exist_ok=True)
-    mpath = cache / "manifest.json"
-    manifest = read_json(mpath) if mpath.is_file() else None
-    if not manifest or manifest.get("identity") != ident:
-        manifest = {"identity": ident, "splits": {s: {"chunks": {}, "skipped": []} for s in ds.splits},
-                    "complete": False}
-        atomic_write_json(mpath, manifest)
-    return cache, manifest
+def dataset_identity(ds: LabelledDataset) -> dict:
+    """What a cache of ``ds`` must match: root, classes, and each split's files (sizes, times)."""
+    return {"root": str(ds.root.resolve()), "classes": ds.classes, **{s: ds.fingerprint(s) for s in ds.splits}}
 
 
 @dataclass
 class SplitFeatures:
     """One split's cached features; ``layer(i)`` loads ``(N, T, D) float16`` for one layer only."""
 
-    cache: Path
+    cache: ChunkCache
     split: str
-    chunks: list[str]
     labels: torch.Tensor  # (N,) int64
 
     def layer(self, i: int) -> torch.Tensor:
@@ -195,17 +178,7 @@ class SplitFeatures:
         return self._load("sample")
 
     def _load(self, key: str) -> torch.Tensor:
-        from safetensors import SafetensorError, safe_open
-
-        parts = []
-        for name in self.chunks:
-            try:
-                with safe_open(str(self.cache / name), framework="pt") as f:
-                    parts.append(f.get_tensor(key))
-            except SafetensorError as e:
-                raise DataError(f"{self.cache / name}: corrupt or truncated feature cache ({e}); delete "
-                                f"{self.cache} to recompute it") from None
-        return torch.cat(parts)
+        return torch.cat([torch.from_numpy(self.cache.read(r, key)) for r in self.cache.records(self.split)])
 
 
 class FeatureExtractor:
@@ -220,28 +193,21 @@ class FeatureExtractor:
 
     def run(self, ds: LabelledDataset, cache_root: str | Path) -> tuple[dict[str, SplitFeatures], dict]:
         """Extract (or reuse) both splits; returns their features and the manifest."""
-        cache, manifest = open_chunk_cache(cache_root, {**self.identity, "version": CACHE_VERSION,
-                                                        "sequence": self.spec.to_dict(), "layers": self.layers,
-                                                        "chunk_size": self.chunk_size}, ds)
-        mpath = cache / "manifest.json"
+        cache = ChunkCache(cache_root, {**self.identity, "version": CACHE_VERSION, "sequence": self.spec.to_dict(),
+                                        "layers": self.layers, "chunk_size": self.chunk_size,
+                                        "dataset": dataset_identity(ds)}, ds.splits)
         for split, samples in ds.splits.items():
-            self._extract_split(split, samples, cache, manifest)
-        manifest["complete"] = True
-        atomic_write_json(mpath, manifest)
+            self._extract_split(split, samples, cache)
+        cache.finish()
         out = {}
         for split in ds.splits:
-            chunks = [manifest["splits"][split]["chunks"][k] for k in sorted(manifest["splits"][split]["chunks"], key=int)]
-            labels = torch.cat([torch.tensor(c["labels"], dtype=torch.long) for c in chunks]) \
-                if chunks else torch.zeros(0, dtype=torch.long)
-            out[split] = SplitFeatures(cache, split, [c["file"] for c in chunks if c["n"]], labels)
-        return out, manifest
+            labels = [l for r in cache.records(split) for l in r["labels"]]
+            out[split] = SplitFeatures(cache, split, torch.tensor(labels, dtype=torch.long))
+        return out, cache.manifest
 
-    def _extract_split(self, split: str, samples: list[Sample], cache: Path, manifest: dict) -> None:
-        from safetensors.torch import save_file
-
-        state = manifest["splits"][split]
-        n_chunks = -(-len(samples) // self.chunk_size)
-        todo = [c for c in range(n_chunks) if str(c) not in state["chunks"]]
+    def _extract_split(self, split: str, samples: list[Sample], cache: ChunkCache) -> None:
+        state = cache.part(split)
+        todo = cache.todo(split, -(-len(samples) // self.chunk_size))
         done = len(samples) - sum(len(samples[c * self.chunk_size:(c + 1) * self.chunk_size]) for c in todo)
         bar = tqdm(total=len(samples), initial=done, desc=f"features {split}", unit=self.spec.kind,
                    disable=not self.progress or not todo, dynamic_ncols=True)
@@ -249,15 +215,9 @@ class FeatureExtractor:
             for c in todo:
                 idx = range(c * self.chunk_size, min(len(samples), (c + 1) * self.chunk_size))
                 feats, labels, kept = self._chunk([samples[i] for i in idx], list(idx), state, bar)
-                name = f"{split}_{c:05d}.safetensors"
-                if kept:
-                    tensors = {f"layer{l}": torch.cat(feats[l]) for l in self.layers}
-                    tensors["labels"] = torch.tensor(labels, dtype=torch.long)
-                    tensors["sample"] = torch.tensor(kept, dtype=torch.long)
-                    with atomic_file(cache / name) as tmp:
-                        save_file(tensors, str(tmp))
-                state["chunks"][str(c)] = {"file": name, "n": len(kept), "labels": labels}
-                atomic_write_json(cache / "manifest.json", manifest)
+                arrays = {f"layer{l}": torch.cat(feats[l]).numpy() for l in self.layers} if kept else {}
+                cache.put(split, c, {**arrays, "labels": np.asarray(labels, np.int64),
+                                     "sample": np.asarray(kept, np.int64)}, len(kept), labels=labels)
         finally:
             bar.close()
 
@@ -296,17 +256,14 @@ def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, 
 
     Cache ``<root>/<key>/``: ``manifest.json`` (identity, chunks done, skipped files) and
     ``<split>_<chunk:05d>.safetensors`` with ``tokens: (n, L)`` and ``labels: (n,) int64``."""
-    from safetensors.numpy import load_file, save_file
-
-    cache, manifest = open_chunk_cache(cache_root, {**identity, "version": TOKEN_CACHE_VERSION,
-                                                    "sequence": spec.to_dict(), "vocab": layout.to_dict(),
-                                                    "chunk_size": chunk_size}, ds)
-    mpath = cache / "manifest.json"
+    cache = ChunkCache(cache_root, {**identity, "version": TOKEN_CACHE_VERSION, "sequence": spec.to_dict(),
+                                    "vocab": layout.to_dict(), "chunk_size": chunk_size,
+                                    "dataset": dataset_identity(ds)}, ds.splits)
+    length = 2 + (spec.frames if spec.kind == "video" else 1) * tokenizer.grid[0] * tokenizer.grid[1]
     out = {}
     for split, samples in ds.splits.items():
-        state = manifest["splits"][split]
-        n_chunks = -(-len(samples) // chunk_size)
-        todo = [c for c in range(n_chunks) if str(c) not in state["chunks"]]
+        state = cache.part(split)
+        todo = cache.todo(split, -(-len(samples) // chunk_size))
         bar = tqdm(total=len(samples), initial=len(samples) - sum(
             len(samples[c * chunk_size:(c + 1) * chunk_size]) for c in todo),
             desc=f"tokenize {split}", unit=spec.kind, disable=not progress or not todo, dynamic_ncols=True)
@@ -317,20 +274,11 @@ def tokenize_splits(ds: LabelledDataset, tokenizer, layout, spec: SequenceSpec, 
                                             state["skipped"], bar):
                 seqs += [layout.sequence(x, spec.kind) for x in codes]  # (F, h, w) -> (L,)
                 labels += lab
-            name = f"{split}_{c:05d}.safetensors"
-            if seqs:
-                with atomic_file(cache / name) as tmp:
-                    save_file({"tokens": np.stack(seqs), "labels": np.asarray(labels, np.int64)}, str(tmp))
-            state["chunks"][str(c)] = {"file": name, "n": len(seqs)}
-            atomic_write_json(mpath, manifest)
+            cache.put(split, c, {"tokens": np.stack(seqs), "labels": np.asarray(labels, np.int64)} if seqs else {},
+                      len(seqs))
         bar.close()
-        parts = [load_file(str(cache / state["chunks"][str(c)]["file"]))
-                 for c in range(n_chunks) if state["chunks"][str(c)]["n"]]
-        length = 2 + (spec.frames if spec.kind == "video" else 1) * tokenizer.grid[0] * tokenizer.grid[1]
-        tokens = (np.concatenate([p["tokens"] for p in parts]) if parts
-                  else np.zeros((0, length), token_dtype(layout.vocab_size)))
-        labels = np.concatenate([p["labels"] for p in parts]) if parts else np.zeros(0, np.int64)
+        tokens = cache.concat(split, "tokens", np.zeros((0, length), token_dtype(layout.vocab_size)))
+        labels = cache.concat(split, "labels", np.zeros(0, np.int64))
         out[split] = SplitTokens(tokens, labels, list(state["skipped"]))
-    return out, cache
-
-
+    cache.finish()
+    return out, cache.folder

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from ..commands.argtypes import nonnegative_float, nonnegative_int, positive_int
 from ..config import option
 from ..errors import ConfigError, DataError
-from ..ioutil import append_jsonl, atomic_file, atomic_write_json, read_jsonl
+from ..ioutil import append_jsonl, atomic_write_json, read_jsonl, save_figure
 from .probe import ProbeConfig
 
 @dataclass
@@ -245,6 +245,4 @@ def plot_finetune(report: dict, path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..commands.argtypes import nonnegative_float, nonnegative_int, positive_int
 from ..config import option
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_file
+from ..ioutil import save_figure
 from ..tasks.base import topk_accuracy
 from ..tasks.heads import POOLINGS, probe_heads
 
@@ -178,9 +178,7 @@ def plot_accuracy(report: dict, path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_file(path) as tmp:  # keeps the suffix: it picks the format
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # -- the whole evaluation: checkpoint + tokenizer + dataset -> results.json and probe.png --------
@@ -267,7 +265,7 @@ class ProbeJob:
             feats, manifest = rank0_first(lambda: extractor.run(task.ds, cache_root))
             skipped = {s: manifest["splits"][s]["skipped"] for s in feats}
             res = self.model_entry(name, skipped, task.ds.classes, feats["train"].labels, len(feats["val"].labels),
-                                   features=str(feats["train"].cache))
+                                   features=str(feats["train"].cache.folder))
             report["models"][name] = res
             bar = tqdm(total=len(layers) * len(poolings), desc=f"probes ({name})", unit="probe",
                        disable=not (self.progress and main), dynamic_ncols=True)

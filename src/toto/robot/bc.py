@@ -6,16 +6,13 @@ Run folder of one policy (``OUT/<name>/``):
     policy/            the finished policy (see toto.robot.policy)
     train.json         what was trained on and the loss curve
 
-Feature cache (``CACHE/<key>.safetensors``, key = encoder identity x demo-set fingerprint): the
-frozen encoder runs once over every demo window; every later run with the same encoder and
-demos (another head, another seed) reads it.
+Feature cache (toto.eval.cache, ``CACHE/<key>/``, key = encoder identity x demo-set fingerprint):
+the frozen encoder runs once over every demo window; every later run with the same encoder and
+demos (another head, another seed) reads it, its checksum checked.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +23,8 @@ from tqdm import tqdm
 
 from ..config import option
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_file, atomic_write_bytes, atomic_write_json
+from ..ioutil import atomic_write_json
+from ..jobstate import load_state, refuse_changed, save_state
 from .demos import Episode, fingerprint
 from .policy import Policy, PolicySpec, TotoEncoder, window_index
 
@@ -47,10 +45,6 @@ class BCConfig:
         return self
 
 
-def _identity_key(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def encoder_identity(spec: PolicySpec) -> dict:
     from ..eval.features import file_identity
     from ..train.checkpoint import resolve_checkpoint
@@ -62,28 +56,23 @@ def encoder_identity(spec: PolicySpec) -> dict:
             "tokenizer": file_identity(spec.tokenizer)}
 
 
-def cached_features(encoder: TotoEncoder, frames: np.ndarray, idx: np.ndarray, cache_file: Path,
+def cached_features(encoder: TotoEncoder, frames: np.ndarray, idx: np.ndarray, cache_dir: Path, identity: dict,
                     batch: int = 64, progress: bool = True) -> torch.Tensor:
-    """``(N, dim)`` features of every window ``frames[idx[i]]``, read from or written to the cache."""
-    from safetensors.torch import load_file, save_file
+    """``(N, dim)`` features of every window ``frames[idx[i]]``, read from or written to the
+    cache of ``identity`` (toto.eval.cache: one chunk, its checksum checked when read)."""
+    from ..eval.cache import ChunkCache
 
-    if cache_file.is_file():
-        return load_file(str(cache_file))["features"]
+    cache = ChunkCache(cache_dir, {**identity, "version": 2}, ["windows"])
+    if not cache.todo("windows", 1):
+        return torch.from_numpy(cache.concat("windows", "features", np.zeros((0, encoder.dim), np.float32)))
     out = []
     for s in tqdm(range(0, len(idx), batch), desc="features", unit="batch", disable=not progress,
                   dynamic_ncols=True):
         out.append(encoder(frames[idx[s:s + batch]]))
     feats = torch.cat(out).contiguous()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(cache_file) as tmp:
-        save_file({"features": feats}, str(tmp))
+    cache.put("windows", 0, {"features": feats.numpy()}, len(feats))
+    cache.finish()
     return feats
-
-
-def _save_state(path: Path, state: dict) -> None:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def train_policy(episodes: list[Episode], spec: PolicySpec, out: str | Path, cfg: BCConfig,
@@ -108,8 +97,8 @@ def train_policy(episodes: list[Episode], spec: PolicySpec, out: str | Path, cfg
 
     feats = None
     if spec.encoder != "cnn":
-        key = _identity_key({"encoder": encoder_identity(spec), "demos": demos_key})
-        feats = cached_features(encoder, frames, idx, Path(cache_dir) / f"{key}.safetensors", progress=progress)
+        feats = cached_features(encoder, frames, idx, Path(cache_dir),
+                                {"encoder": encoder_identity(spec), "demos": demos_key}, progress=progress)
 
     torch.manual_seed(cfg.seed)
     policy = Policy(spec, encoder)
@@ -119,10 +108,8 @@ def train_policy(episodes: list[Episode], spec: PolicySpec, out: str | Path, cfg
     state_file = out / "train_state.pt"
     epoch, losses = 0, []
     if state_file.is_file():
-        st = torch.load(state_file, weights_only=False)
-        if st["identity"] != ident:
-            raise ConfigError(f"{out}: holds a run of another policy/demos/settings; use another --out or "
-                              f"delete {state_file}")
+        st = load_state(state_file)
+        refuse_changed(st["identity"], ident, f"{out} (delete {state_file.name} to start it over)")
         policy.load_state_dict(st["model"])
         opt.load_state_dict(st["optim"])
         epoch, losses = st["epoch"], st["losses"]
@@ -145,7 +132,7 @@ def train_policy(episodes: list[Episode], spec: PolicySpec, out: str | Path, cfg
                 total += loss.item() * len(b)
             epoch += 1
             losses.append(total / n)
-            _save_state(state_file, {"identity": ident, "model": policy.state_dict(), "optim": opt.state_dict(),
+            save_state(state_file, {"identity": ident, "model": policy.state_dict(), "optim": opt.state_dict(),
                                      "epoch": epoch, "losses": losses})
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}")

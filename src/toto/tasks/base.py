@@ -40,7 +40,9 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, ConfigError, TrainingError
 from ..eval.backbone import Backbone, load_backbone
-from ..ioutil import atomic_dir, atomic_write_bytes, atomic_write_json, read_jsonl, verify_checksums
+from ..eval.features import code_features
+from ..ioutil import atomic_dir, atomic_write_bytes, atomic_write_json, verify_checksums
+from ..jobstate import refuse_changed, trim_metrics
 from ..train.optim import adamw, autocast_for, cosine_lr, param_groups, set_lr, shift_targets
 
 # -- distributed pieces --------------------------------------------------------------------------
@@ -118,12 +120,6 @@ class Split:
 
 
 # -- the model: a trunk and heads on its layers -----------------------------------------------------
-
-
-def code_features(hidden: torch.Tensor) -> torch.Tensor:
-    """Residual stream ``(B, 1 + T, D)`` of ``[start] + codes`` -> frozen features ``(B, T, D)
-    float16``: the visual code positions, as the feature cache stores them."""
-    return hidden[:, 1:].to(torch.float16)
 
 
 class TaskModel(nn.Module):
@@ -435,18 +431,6 @@ def fit(model: TaskModel, opt: torch.optim.Optimizer, train: Split, val: Split, 
 # -- per-epoch state, resume, metrics ---------------------------------------------------------------
 
 
-def settings_differ(a: dict, b: dict) -> list[str]:
-    """Dotted names of the (nested) entries where ``a`` and ``b`` differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        x, y = a.get(k), b.get(k)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += [f"{k}.{s}" for s in settings_differ(x, y)]
-        elif x != y:
-            out.append(k)
-    return out
-
-
 class RunState:
     """One run's state after each epoch, written atomically by rank 0: the heads, the optimizer,
     epoch and step, and ``run_id`` (everything that changes the result: a resume with other
@@ -490,10 +474,7 @@ class RunState:
             raise ConfigError(f"{self.root} already holds {self.what} ({saved.name}); pass --resume to continue it "
                               f"or choose another --out")
         state = json.loads((saved / "state.json").read_text())
-        if state.get("run") != self.run_id:
-            raise ConfigError(f"--resume: {self.root} was started with other settings "
-                              f"({', '.join(settings_differ(state.get('run') or {}, self.run_id))} differ); rerun "
-                              f"with the original ones or choose another --out")
+        refuse_changed(state.get("run") or {}, self.run_id, f"--resume: {self.root}")
         self._load(saved, model, opt)
         epoch, step = int(state["epoch"]), int(state["step"])
         self.last_loss = state.get("last_loss", {})
@@ -503,8 +484,7 @@ class RunState:
         return epoch, step
 
     def _trim(self, epoch: int | None) -> None:
-        keep = [r for r in read_jsonl(self.metrics) if not self.filter(r) or (epoch is not None and r["epoch"] <= epoch)]
-        atomic_write_bytes(self.metrics, "".join(json.dumps(r) + "\n" for r in keep).encode())
+        trim_metrics(self.metrics, lambda r: not self.filter(r) or (epoch is not None and r["epoch"] <= epoch))
 
     def _load(self, path: Path, model: TaskModel, opt) -> None:
         from safetensors.torch import load_file

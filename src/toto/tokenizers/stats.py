@@ -80,9 +80,7 @@ def plot_code_frequencies(counts: np.ndarray, path: str | Path, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from io import BytesIO
-
-    from ..ioutil import atomic_write_bytes
+    from ..ioutil import save_figure
 
     freq = np.sort(counts)[::-1] / max(int(counts.sum()), 1)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -98,7 +96,4 @@ def plot_code_frequencies(counts: np.ndarray, path: str | Path, title: str) -> N
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    buf = BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

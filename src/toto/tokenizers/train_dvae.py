@@ -43,6 +43,7 @@ from ..config import DEVICE_HELP, option
 from ..device import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError, TrainingError
 from ..ioutil import append_jsonl, atomic_dir, atomic_write_bytes, atomic_write_json
+from ..jobstate import refuse_changed, trim_metrics
 from ..train.checkpoint import optimizer_from_tensors, optimizer_to_tensors
 from ..train.optim import cosine_lr
 from .dvae import LOGIT_LAPLACE_EPS, Decoder, DVAEConfig, DVAETokenizer, Encoder, frames_to_input, load_state
@@ -211,10 +212,7 @@ def _load_ckpt(paths, enc, dec, opt, gens, cfg, fp) -> int:
         tensors = load_file(str(d / "optimizer.safetensors"))
     except Exception as e:
         raise CheckpointError(f"{d}: unreadable dVAE checkpoint ({e}); delete it to start over") from None
-    if state["config"] != asdict(cfg):
-        diff = sorted(k for k in state["config"] if state["config"][k] != asdict(cfg).get(k))
-        raise CheckpointError(f"{d}: checkpoint was made with a different config (differs in {', '.join(diff)}); "
-                              f"use another --out or delete {paths['run']} to start over")
+    refuse_changed(state["config"], asdict(cfg), f"{d} (delete {paths['run']} to start over)")
     if state["frames"] != fp:
         raise CheckpointError(f"{d}: checkpoint was made on different frames; use the same media, "
                               f"another --out, or delete {paths['run']} to start over")
@@ -264,6 +262,7 @@ def train_dvae(frames: np.ndarray, cfg: DVAETrainConfig, out_path: str | Path, p
     step = 0
     if resume and (paths["ckpt"] / "state.json").is_file():
         step = _load_ckpt(paths, enc, dec, opt, (gen, noise), cfg, fp)
+        trim_metrics(paths["metrics"], lambda r: r["step"] <= step)  # logged after the checkpoint: redone
     elif paths["metrics"].exists():
         paths["metrics"].unlink()  # a fresh run: drop the old curve
 

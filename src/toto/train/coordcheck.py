@@ -63,6 +63,8 @@ def plot_coord_check(result: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ..ioutil import save_figure
+
     layers = list(next(iter(next(iter(result.values())).values()))[-1])
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, (name, per_width) in zip(axes, result.items()):
@@ -76,8 +78,4 @@ def plot_coord_check(result: dict, path) -> None:
     axes[0].set_ylabel("mean |activation|")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    from ..ioutil import atomic_file
-
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ import numpy as np
 from ..config import (PRESETS, Config, DataConfig, ModelConfig, apply_dict, data_paths, preset, read_yaml_mapping,
                       validate)
 from ..errors import ConfigError, DataError
-from ..ioutil import atomic_write_bytes, atomic_write_json, read_jsonl
+from ..ioutil import atomic_write_bytes, atomic_write_json, read_jsonl, save_figure
 from ..model.llama import flops_per_token, nonembedding_params
 
 PAPER_EXPONENTS = {"Toto (paper)": -0.0378, "GPT-3": -0.048}
@@ -517,7 +516,4 @@ def plot(res: dict, path: str | Path) -> None:
     ax.legend(fontsize=8)
     ax.grid(True, which="both", alpha=0.2)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_figure(fig, path)

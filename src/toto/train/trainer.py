@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,8 +23,8 @@ from ..config import Config, data_paths, validate
 from ..data.loader import val_batches
 from ..data.mix import describe_sources, make_loader, mix_weights, open_shards, split_sources
 from ..errors import CheckpointError, ConfigError, TrainingError
-from ..ioutil import (append_jsonl, atomic_write_bytes, atomic_write_json, clear_folder, dir_lock, read_jsonl,
-                      run_files)
+from ..ioutil import append_jsonl, atomic_write_json, clear_folder, dir_lock, read_jsonl, run_files
+from ..jobstate import refuse_changed, trim_metrics
 from ..model.llama import Toto
 from ..tokenizers.base import IDENTITY_KEYS, check_identity
 from . import checkpoint as ckpt
@@ -129,7 +128,7 @@ class Trainer:
             self.loader.load_state_dict(self.state["loader"])
             self.step = int(self.state["step"])
             if self.dist.is_main:
-                self._truncate_metrics(self.step)
+                trim_metrics(self.metrics_path, lambda r: r.get("step", 0) <= self.step)  # redone after the kill
         self.forward = self.wrapped
         if t.compile:
             self.forward = _try_compile(self.wrapped)
@@ -179,19 +178,11 @@ class Trainer:
         batch, model or data split is refused with the fields named, never silently ignored.
         (``toto train --resume`` builds ``given`` on top of the saved config, so only what the
         command line names can differ.)"""
-        changed = []
-        for section in ("model", "data", "train"):
-            old, new = getattr(saved, section), getattr(given, section)
-            for f in dataclasses.fields(old):
-                a, b = getattr(old, f.name), getattr(new, f.name)
-                if a == b or b is None or f.name in cls.RESUMABLE_CHANGES.get(section, ()):
-                    continue  # None: not set (e.g. vocab_size, filled in from the data at the start)
-                if section == "train" and f.name == "out_dir":
-                    continue
-                changed.append(f"{section}.{f.name} ({a!r} -> {b!r})")
-        if changed:
-            raise ConfigError(f"--resume: the run was started with other settings: {', '.join(changed)}; "
-                              f"resume without them or start a new run (--out)")
+        sections = ("model", "data", "train")
+        skip = tuple(f"{s}.{n}" for s, names in cls.RESUMABLE_CHANGES.items() for n in names) + ("train.out_dir",)
+        refuse_changed({s: dataclasses.asdict(getattr(saved, s)) for s in sections},
+                       {s: dataclasses.asdict(getattr(given, s)) for s in sections}, "--resume: the run", skip,
+                       ignore_none=True)  # None: not set (e.g. vocab_size, filled in from the data at the start)
         for section, names in cls.RESUMABLE_CHANGES.items():
             for name in names:
                 if section == "data":
@@ -210,11 +201,6 @@ class Trainer:
     @property
     def metrics_path(self) -> Path:
         return self.out / "metrics.jsonl"
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop records a killed run logged after its last checkpoint; they will be redone."""
-        kept = [r for r in read_jsonl(self.metrics_path) if r.get("step", 0) <= step]
-        atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept).encode())
 
     def _log(self, record: dict, tb) -> None:
         if not self.dist.is_main:
