@@ -369,7 +369,7 @@ def _feature_cache(tmp_path):
     from toto.robot.bc import cached_features
 
     cached_features(lambda x: torch.zeros(len(x), 4), np.zeros((3, 8, 8, 3), np.uint8), np.arange(3)[:, None],
-                    tmp_path / "features" / "f.safetensors", progress=False)
+                    tmp_path / "features", {"encoder": "zeros"}, progress=False)
 
 
 @pytest.mark.parametrize("write", [_checkpoint, _export, _feature_cache])
@@ -382,7 +382,7 @@ def test_failed_write_leaves_no_tmp(write, tmp_path, monkeypatch):
         Path(filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
 
-    for module in ("safetensors.torch", "toto.train.checkpoint", "toto.model.export"):
+    for module in ("safetensors.torch", "safetensors.numpy", "toto.train.checkpoint", "toto.model.export"):
         monkeypatch.setattr(f"{module}.save_file", full_disk)
     assert safetensors.torch.save_file is full_disk
     with pytest.raises(OSError, match="No space left"):

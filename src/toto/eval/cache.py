@@ -49,12 +49,13 @@ class ChunkCache:
         m = read_json(self._mpath) if self._mpath.is_file() else None
         if not m or m.get("identity") != identity:
             m = {"identity": identity, "splits": {p: {"chunks": {}, "skipped": []} for p in parts}, "complete": False}
-        for part in m["splits"].values():
-            for c, rec in list(part["chunks"].items()):
-                if rec["n"] and not (self.folder / rec["file"]).is_file():
-                    del part["chunks"][c]
         self.manifest = m
-        self._save()
+        gone = [(part, c) for part in m["splits"].values() for c, rec in part["chunks"].items()
+                if rec["n"] and not (self.folder / rec["file"]).is_file()]
+        for part, c in gone:
+            del part["chunks"][c]
+        if gone:
+            self._save()  # (a new cache's manifest is first written with its first chunk)
 
     def part(self, name: str) -> dict:
         """The manifest's record of one part: ``chunks`` done and ``skipped`` inputs (a list the
