@@ -22,7 +22,7 @@ import torch
 
 from benchmarks.common import (base_parser, build_ours, machine, markdown_table, model_config, interleaved, setup,
                                sync, write_results)
-from toto.model.generate import generate, visual_ids_mask
+from toto.model.generate import Sampling, generate, visual_ids_mask
 from toto.vocab import VocabLayout
 
 LAYOUT = VocabLayout()  # 8192 dVAE codes + 4 specials
@@ -54,7 +54,7 @@ def main() -> None:
     rounds = 1 if args.quick else 3
     n_cmp = args.new_tokens or (8 if args.quick else 16)
     allowed = visual_ids_mask(LAYOUT, device)
-    sample = dict(temperature=1.0, seed=0, allowed=allowed)
+    sample = Sampling(temperature=1.0, seed=0, allowed=allowed)
     records, cmp_rows, fc_rows = [], [], []
 
     for name, (dim, layers, heads, ffn) in MODELS.items():
@@ -65,9 +65,9 @@ def main() -> None:
 
         # cached vs uncached on the same work: prefill 1025 tokens, then n_cmp new tokens
         outs = {}
-        fns = {"prefill": lambda: generate(model, x, 1, **sample),
-               "cached": lambda: outs.__setitem__("cached", generate(model, x, n_cmp, **sample)),
-               "uncached": lambda: outs.__setitem__("uncached", generate(model, x, n_cmp, use_cache=False, **sample))}
+        fns = {"prefill": lambda: generate(model, x, 1, sample),
+               "cached": lambda: outs.__setitem__("cached", generate(model, x, n_cmp, sample)),
+               "uncached": lambda: outs.__setitem__("uncached", generate(model, x, n_cmp, sample, use_cache=False))}
         t = interleaved(fns, rounds, device)
         same = bool(torch.equal(outs["cached"], outs["uncached"]))
         tp, tc, tu = (t[k]["median_s"] for k in ("prefill", "cached", "uncached"))
@@ -92,7 +92,7 @@ def main() -> None:
             n_new = FORECAST_FRAMES * TOKENS_PER_FRAME
             sync(device)
             t0 = time.perf_counter()
-            generate(model, xb, n_new, **sample)
+            generate(model, xb, n_new, sample)
             sync(device)
             secs = time.perf_counter() - t0
             records.append({"kind": "forecast", "model": name, "batch": batch, "prompt_tokens": xb.shape[1],

@@ -2,8 +2,9 @@
 
 Same weights, same prompt, timed in the same run (interleaved). Ours: ``toto.model.generate``
 (greedy) when it is importable and gives the same tokens as the plain ``setup_cache`` +
-``forward(tokens, pos=...)`` loop below, else that loop. The greedy outputs of ours and HF are
-compared token by token as a check that both do the same work.
+``forward(tokens, input_pos=...)`` loop below, else that loop; "ours+compile" is a
+``Generator(compile=True)`` kept across rounds. The greedy outputs of ours and HF are compared
+token by token as a check that both do the same work.
 
     python -m benchmarks.bench_generate [--quick] [--device cpu|cuda]
 """
@@ -35,10 +36,10 @@ def greedy_loop(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
     B, P = prompt.shape
     model.setup_cache(B, P + new_tokens)
     try:
-        nxt = model(prompt, pos=0)[:, -1].argmax(-1, keepdim=True)
+        nxt = model(prompt, input_pos=torch.arange(P, device=prompt.device))[:, -1].argmax(-1, keepdim=True)
         out = [prompt, nxt]
         for i in range(new_tokens - 1):
-            nxt = model(nxt, pos=P + i)[:, -1].argmax(-1, keepdim=True)
+            nxt = model(nxt, input_pos=torch.tensor([P + i], device=prompt.device))[:, -1].argmax(-1, keepdim=True)
             out.append(nxt)
     finally:
         model.clear_cache()
@@ -46,9 +47,9 @@ def greedy_loop(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
 
 
 def project_greedy(model, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    from toto.model.generate import generate
+    from toto.model.generate import Sampling, generate
 
-    return generate(model, prompt, max_new_tokens=new_tokens, greedy=True)
+    return generate(model, prompt, new_tokens, Sampling(greedy=True))
 
 
 @torch.no_grad()
@@ -62,7 +63,7 @@ def main(argv=None) -> int:
     p.add_argument("--cases", default=None, help="comma-separated case names (default: all for the device)")
     p.add_argument("--rounds", type=int, default=None, help="timed generations per contender (default 5; 2 with --quick)")
     p.add_argument("--compile", default="all",
-                   help="cases that also get an 'ours+compile' row (generate(compile=True)): all | none | names")
+                   help="cases that also get an 'ours+compile' row (Generator(compile=True)): all | none | names")
     args = p.parse_args(argv)
     device, cases, names = common.select_cases(p, args, CASES)
     rounds = args.rounds or (2 if args.quick else 5)
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(0)
         prompt = torch.randint(0, cfg.vocab_size, (batch, prompt_len), generator=g).to(device)
         ref = greedy_loop(ours, prompt, new)
-        ours_gen, via = greedy_loop, "setup_cache + forward(pos=) loop"
+        ours_gen, via = greedy_loop, "setup_cache + forward(input_pos=) loop"
         try:
             if torch.equal(project_greedy(ours, prompt, new), ref):
                 ours_gen, via = project_greedy, "toto.model.generate(greedy=True)"
@@ -91,10 +92,12 @@ def main(argv=None) -> int:
         contenders = {"ours": lambda: ours_gen(ours, prompt, new), "hf": lambda: hf_greedy(hf, prompt, new)}
         compile_s = None
         if args.compile == "all" or name in args.compile.split(","):
-            from toto.model.generate import generate
+            from toto.model.generate import Generator, Sampling
+
+            compiled_gen = Generator(ours, compile=True)
 
             def compiled():
-                return generate(ours, prompt, new, greedy=True, compile=True)
+                return compiled_gen(prompt, new, Sampling(greedy=True))
 
             t = time.perf_counter()
             try:
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
                 agree["ours+compile"] = float((got[:, prompt_len:] == ref[:, prompt_len:]).float().mean())
                 contenders["ours+compile"] = compiled
             except Exception as e:  # inductor needs a working C++ compiler on CPU
-                print(f"generate(compile=True) failed on {device} ({type(e).__name__}: {e}); no compile row")
+                print(f"Generator(compile=True) failed on {device} ({type(e).__name__}: {e}); no compile row")
         timing = common.interleaved(contenders, rounds, device)
         ours.clear_cache()
         for impl, t in timing.items():
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
                                 greedy_agreement_with_ours=agree[impl],
                                 compile_s=compile_s if impl == "ours+compile" else None,
                                 via={"ours": via, "hf": "LlamaForCausalLM.generate"}.get(
-                                    impl, "toto.model.generate(greedy=True, compile=True)")))
+                                    impl, "toto.model.generate.Generator(compile=True), greedy")))
             rows.append([name, impl, batch, prompt_len, new, f"{tps:,.1f}", f"{speedup:.2f}x",
                          f"{common.paired_speedup(timing, impl):.2f}x",
                          f"{100 * agree[impl]:.0f}%"])

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from conftest import write_shards
 from toto.config import ModelConfig, build_config
 from toto.ioutil import read_jsonl
-from toto.model.generate import generate
+from toto.model.generate import Generator, Sampling, generate
 from toto.model.llama import Toto
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -112,11 +112,12 @@ def test_activation_checkpointing_matches_plain():
 def test_cuda_graph_decoding_matches_eager():
     m = model(seq=128, init_std=0.2).eval()
     prompt = torch.randint(4, 300, (2, 16), device=CUDA)
-    want = generate(m, prompt, 48, greedy=True)
-    got = generate(m, prompt, 48, greedy=True, compile=True)
-    again = generate(m, prompt, 48, greedy=True, compile=True)  # replays the recorded graph
+    want = generate(m, prompt, 48, Sampling(greedy=True))
+    gen = Generator(m, compile=True)
+    got = gen(prompt, 48, Sampling(greedy=True))
+    again = gen(prompt, 48, Sampling(greedy=True))  # replays the recorded graph
     assert torch.equal(want, got) and torch.equal(want, again)
-    m.clear_cache()
+    gen.close()
 
 
 def test_cuda_graph_decoding_under_autocast():
@@ -126,12 +127,11 @@ def test_cuda_graph_decoding_under_autocast():
     m = model(seq=128, init_std=0.2).eval()
     prompt = torch.randint(4, 300, (2, 16), device=CUDA)
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        out_e, log_e = generate(m, prompt, 8, greedy=True, return_logits=True)
-        out_c, log_c = generate(m, prompt, 8, greedy=True, return_logits=True, compile=True)
+        out_e, log_e = generate(m, prompt, 8, Sampling(greedy=True), return_logits=True)
+        out_c, log_c = generate(m, prompt, 8, Sampling(greedy=True), return_logits=True, compile=True)
     assert torch.equal(out_e[:, :18], out_c[:, :18])
     scale = log_e[:, 1].abs().max()
     assert (log_e[:, 1] - log_c[:, 1]).abs().max() < 0.05 * scale
-    m.clear_cache()
 
 
 @pytest.mark.parametrize("mode", ["fsdp", "ddp"])

@@ -91,7 +91,7 @@ def test_cli_video_forecast_matches_an_independent_recomputation(setup, tmp_path
     from PIL import Image
     from safetensors.numpy import load_file
 
-    from toto.model.generate import generate, visual_ids_mask
+    from toto.model.generate import Sampling, generate, visual_ids_mask
     from toto.train.checkpoint import load_model
 
     out = tmp_path / "out"
@@ -106,7 +106,7 @@ def test_cli_video_forecast_matches_an_independent_recomputation(setup, tmp_path
     codes = tok.encode(real)  # (7, 4, 4)
     model, _, _ = load_model(setup["ckpt"])
     prompt = torch.tensor([[layout.video_start] + list(codes[:4].reshape(-1) + layout.code_offset)])
-    seq = generate(model, prompt, 3 * 16, greedy=True, allowed=visual_ids_mask(layout), use_cache=False)
+    seq = generate(model, prompt, 3 * 16, Sampling(greedy=True, allowed=visual_ids_mask(layout)), use_cache=False)
     want = (seq[0, prompt.shape[1]:].numpy() - layout.code_offset).reshape(3, 4, 4)
     saved = load_file(str(out / "codes.safetensors"))
     assert np.array_equal(saved["carphone_pristine.forecast"], want)

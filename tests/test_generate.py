@@ -1,5 +1,5 @@
-"""Generation: the KV-cache path against the recompute-everything reference, sampling filters
-on hand-made logits, and clear errors for impossible sizes."""
+"""Generation: the KV-cache path against the recompute-everything reference (the training
+path), sampling filters on hand-made logits, and clear errors for impossible sizes."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from toto.config import ModelConfig
 from toto.errors import ConfigError
-from toto.model.generate import generate, pick_next, top_k_filter, top_p_filter, visual_ids_mask
+from toto.model.generate import (Generator, Sampling, decode_one, generate, pick_next, prefill, top_k_filter,
+                                 top_p_filter, visual_ids_mask)
 from toto.model.llama import Toto
 from toto.vocab import VocabLayout
 
@@ -31,10 +32,13 @@ def prompts(B: int = 3, T0: int = 7, seed: int = 1) -> torch.Tensor:
     return p
 
 
+GREEDY = Sampling(greedy=True)
+
+
 def test_cached_logits_and_greedy_match_uncached():
     m, p = tiny_model(), prompts()
-    out_c, log_c = generate(m, p, 20, greedy=True, return_logits=True)
-    out_u, log_u = generate(m, p, 20, greedy=True, return_logits=True, use_cache=False)
+    out_c, log_c = generate(m, p, 20, GREEDY, return_logits=True)
+    out_u, log_u = generate(m, p, 20, GREEDY, return_logits=True, use_cache=False)
     assert out_c.shape == (3, 27)
     assert torch.equal(out_c[:, :7], p)
     assert torch.equal(out_c, out_u)
@@ -45,39 +49,55 @@ def test_cached_logits_and_greedy_match_uncached():
     assert all(b.attn.cache is None for b in m.layers)
 
 
+def test_prefill_and_decode_one_equal_the_uncached_forward_token_by_token():
+    """Each cached step's logits are the training path's logits at that position of the whole
+    sequence, and their argmax is the next token (greedy), step by step."""
+    m, p = tiny_model(), prompts()
+    m.setup_cache(3, 30)
+    with torch.no_grad():
+        seq, logits = p, prefill(m, p)
+        for i in range(12):
+            full = m(seq)  # the training path over everything so far, no cache
+            assert torch.allclose(logits, full[:, -1], atol=1e-5), i
+            nxt = full[:, -1].argmax(-1, keepdim=True)
+            assert torch.equal(logits.argmax(-1, keepdim=True), nxt), i
+            logits = decode_one(m, nxt, torch.tensor([seq.shape[1]]))
+            seq = torch.cat([seq, nxt], 1)
+    m.clear_cache()
+
+
 def test_seeded_sampling_identical_across_paths_and_reproducible():
     m, p = tiny_model(), prompts()
-    kw = dict(temperature=0.9, top_k=10, top_p=0.9, seed=123)
-    a = generate(m, p, 16, **kw)
-    b = generate(m, p, 16, use_cache=False, **kw)
-    c = generate(m, p, 16, **kw)
-    d = generate(m, p, 16, **{**kw, "seed": 124})
+    s = Sampling(temperature=0.9, top_k=10, top_p=0.9, seed=123)
+    a = generate(m, p, 16, s)
+    b = generate(m, p, 16, s, use_cache=False)
+    c = generate(m, p, 16, s)
+    d = generate(m, p, 16, Sampling(temperature=0.9, top_k=10, top_p=0.9, seed=124))
     assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(a, d)
     # sampling is not greedy here (the draws differ from the argmax somewhere)
-    assert not torch.equal(a, generate(m, p, 16, greedy=True))
+    assert not torch.equal(a, generate(m, p, 16, GREEDY))
 
 
 def test_batched_generation_equals_one_by_one():
     m, p = tiny_model(), prompts(B=3)
-    together = generate(m, p, 12, greedy=True)
+    together = generate(m, p, 12, GREEDY)
     for i in range(3):
-        assert torch.equal(generate(m, p[i:i + 1], 12, greedy=True), together[i:i + 1])
+        assert torch.equal(generate(m, p[i:i + 1], 12, GREEDY), together[i:i + 1])
 
 
-def test_caller_cache_is_used_and_must_fit():
+def test_a_cache_on_the_model_is_used_when_it_fits_else_replaced():
     m, p = tiny_model(), prompts(B=2, T0=5)
-    ref = generate(m, p, 10, greedy=True)
-    m.setup_cache(4, 40)  # bigger than needed: fine, and left in place for the caller
-    assert torch.equal(generate(m, p, 10, greedy=True), ref)
-    assert m.layers[0].attn.cache is not None
-    m.setup_cache(2, 12)  # 5 + 10 positions do not fit
-    with pytest.raises(ConfigError, match="KV cache holds batch 2 x 12"):
-        generate(m, p, 10, greedy=True)
-    m.setup_cache(1, 40)  # batch too small
-    with pytest.raises(ConfigError, match="batch 2 x 15"):
-        generate(m, p, 10, greedy=True)
-    m.clear_cache()
+    ref = generate(m, p, 10, GREEDY)
+    m.setup_cache(4, 40)  # bigger than needed: used (stale slots are masked) and left in place
+    cache = m.layers[0].attn.cache
+    cache.k.normal_(), cache.v.normal_()  # garbage in the slots past the prompt must not matter
+    assert torch.equal(generate(m, p, 10, GREEDY), ref)
+    assert m.layers[0].attn.cache is cache
+    for b, length in [(2, 12), (1, 40)]:  # 5 + 10 positions do not fit / batch too small
+        m.setup_cache(b, length)
+        assert torch.equal(generate(m, p, 10, GREEDY), ref)
+        assert m.layers[0].attn.cache is None  # the cache generate allocated is freed
 
 
 def test_prompt_longer_than_context_is_an_error():
@@ -94,23 +114,25 @@ def test_model_level_cache_errors():
     with pytest.raises(ValueError, match="exceeds the model context"):
         m.setup_cache(1, 17)
     m.setup_cache(1, 8)
-    with pytest.raises(ValueError, match="cannot hold batch 1 at positions 0..9"):
-        m(prompts(B=1, T0=10), pos=0)
+    with pytest.raises(ValueError, match="cannot hold 1 x 10 tokens"):
+        m(prompts(B=1, T0=10), input_pos=torch.arange(10))
+    with pytest.raises(ValueError, match=r"input_pos must be \(2,\)"):
+        m(prompts(B=1, T0=2), input_pos=torch.tensor([3]))
     m.clear_cache()
     with pytest.raises(RuntimeError, match="setup_cache"):
-        m(prompts(B=1, T0=3), pos=0)
+        m(prompts(B=1, T0=3), input_pos=torch.arange(3))
 
 
 def test_bad_sampling_arguments():
     m, p = tiny_model(), prompts()
     for kw, msg in [(dict(temperature=0), "temperature"), (dict(top_k=0), "top_k"),
-                    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p")]:
+                    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+                    (dict(allowed=torch.zeros(LAYOUT.vocab_size, dtype=torch.bool)), "every token"),
+                    (dict(allowed=torch.ones(LAYOUT.vocab_size)), "bool mask")]:
         with pytest.raises(ConfigError, match=msg):
-            generate(m, p, 2, **kw)
-    with pytest.raises(ConfigError, match="bool mask"):
-        generate(m, p, 2, allowed=torch.ones(5, dtype=torch.bool))
-    with pytest.raises(ConfigError, match="every token"):
-        generate(m, p, 2, allowed=torch.zeros(LAYOUT.vocab_size, dtype=torch.bool))
+            Sampling(**kw)
+    with pytest.raises(ConfigError, match=r"allowed must be a \(32,\) bool mask"):
+        generate(m, p, 2, Sampling(allowed=torch.ones(5, dtype=torch.bool)))
 
 
 def test_allowed_mask_keeps_special_tokens_out():
@@ -119,11 +141,11 @@ def test_allowed_mask_keeps_special_tokens_out():
         m.tok_emb.weight[:, 0] = 50.0
         m.head.weight[LAYOUT.end] = 0.0
         m.head.weight[LAYOUT.end, 0] = 20.0
-    free = generate(m, p, 10, greedy=True)
+    free = generate(m, p, 10, GREEDY)
     assert (free[:, 7:] == LAYOUT.end).all()
     allowed = visual_ids_mask(LAYOUT)
     for kw in (dict(greedy=True), dict(seed=0), dict(seed=1, top_k=3), dict(seed=2, top_p=0.5)):
-        out = generate(m, p, 10, allowed=allowed, **kw)
+        out = generate(m, p, 10, Sampling(allowed=allowed, **kw))
         new = out[:, 7:]
         assert ((new >= LAYOUT.code_offset) & (new < LAYOUT.vocab_size)).all(), kw
 
@@ -159,55 +181,56 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
     logits = torch.tensor([[math.log(0.1), math.log(0.2), math.log(0.3), math.log(0.4)]]).repeat(20000, 1)
     g = torch.Generator().manual_seed(0)
     # top-k 2 keeps 0.3 and 0.4 -> renormalised 3/7, 4/7
-    ids = pick_next(logits, top_k=2, generator=g)
+    ids = pick_next(logits, Sampling(top_k=2), g)
     freq = torch.bincount(ids, minlength=4).float() / len(ids)
     assert freq[:2].sum() == 0
     assert abs(freq[2] - 3 / 7) < 0.015 and abs(freq[3] - 4 / 7) < 0.015
     # temperature 0.5 squares the probabilities: p_i^2 / sum p^2
-    ids = pick_next(logits, temperature=0.5, generator=g)
+    ids = pick_next(logits, Sampling(temperature=0.5), g)
     freq = torch.bincount(ids, minlength=4).float() / len(ids)
     want = torch.tensor([0.01, 0.04, 0.09, 0.16]) / 0.30
     assert (freq - want).abs().max() < 0.015
 
 
-def test_tensor_position_decode_equals_slice_decode():
-    """The fixed-shape step (whole cache, masked) gives the logits of the sliced-cache step."""
+def test_prompt_in_chunks_equals_prompt_at_once():
+    """The one cached path takes any number of tokens at any positions: a prompt written in
+    two chunks, then one-token steps, gives the whole-sequence forward's logits."""
     m, p = tiny_model(), prompts()
-    m.setup_cache(3, 48)
-    m(p, pos=0)
-    want = [m(p[:, i:i + 1], pos=7 + i) for i in range(4)]
+    with torch.no_grad():
+        full = m(p)
+        m.setup_cache(3, 48)
+        got = torch.cat([m(p[:, :3], input_pos=torch.arange(3)), m(p[:, 3:5], input_pos=torch.arange(3, 5))]
+                        + [m(p[:, i:i + 1], input_pos=torch.tensor([i])) for i in (5, 6)], 1)
     m.clear_cache()
-    m.setup_cache(3, 48)
-    m(p, pos=0)
-    got = [m(p[:, i:i + 1], pos=torch.tensor([7 + i])) for i in range(4)]
-    for w, g in zip(want, got):
-        assert torch.allclose(w, g, atol=1e-5)
-    with pytest.raises(ValueError, match="tensor pos decodes one token"):
-        m(p[:, :2], pos=torch.tensor([9]))
-    m.clear_cache()
+    assert torch.allclose(got, full, atol=1e-5)
 
 
 @pytest.mark.slow
 def test_compiled_decode_matches_eager():
-    """generate(compile=True): same greedy tokens and logits, same seeded samples; the second
-    call reuses the compiled step and the cache it left."""
+    """Generator(compile=True): same greedy tokens and logits, same seeded samples; a second
+    call reuses the compiled step and the cache it left; nothing compiled lives on the model."""
     m, p = tiny_model(), prompts()
-    keys = list(m.state_dict())
-    out, logits = generate(m, p, 12, greedy=True, return_logits=True)
-    out_c, logits_c = generate(m, p, 12, greedy=True, return_logits=True, compile=True)
-    assert list(m.state_dict()) == keys  # the compiled step is not registered inside the model
+    keys, attrs = list(m.state_dict()), set(vars(m))
+    out, logits = generate(m, p, 12, GREEDY, return_logits=True)
+    gen = Generator(m, compile=True)
+    out_c, logits_c = gen(p, 12, GREEDY, return_logits=True)
+    assert list(m.state_dict()) == keys and set(vars(m)) == attrs  # no compiled step patched onto the model
     assert torch.equal(out, out_c)
     assert torch.allclose(logits, logits_c, atol=1e-4)
     cache = m.layers[0].attn.cache
     assert cache is not None and cache.k.shape[2] == 48  # full context, kept for the next call
-    step = m._compiled_decode
-    sampled = generate(m, p, 12, seed=5, top_k=8, compile=True)
-    assert m._compiled_decode is step and m.layers[0].attn.cache is cache
-    m.clear_cache()
-    assert torch.equal(sampled, generate(m, p, 12, seed=5, top_k=8))
-    generate(m, p[:1], 4, greedy=True, compile=True)  # leaves a batch-1 cache...
+    sampled = gen(p, 12, Sampling(seed=5, top_k=8))
+    assert m.layers[0].attn.cache is cache
+    assert torch.equal(sampled, generate(m, p, 12, Sampling(seed=5, top_k=8)))
+    assert m.layers[0].attn.cache is cache  # eager generate used the kept cache and left it
+    gen.close()
+    assert m.layers[0].attn.cache is None
+    gen(p[:1], 4, GREEDY)  # leaves a batch-1 cache...
     wide = prompts(B=5)
-    assert torch.equal(generate(m, wide, 6, greedy=True, compile=True),  # ...which a wider batch replaces
-                       generate(m, wide, 6, greedy=True, use_cache=False))
+    assert torch.equal(gen(wide, 6, GREEDY), generate(m, wide, 6, GREEDY, use_cache=False))  # ...a wider batch replaces
+    assert m.layers[0].attn.cache.k.shape[0] == 5
+    gen.close()
+    assert torch.equal(generate(m, p, 5, GREEDY, compile=True), out[:, :12])
+    assert m.layers[0].attn.cache is None  # one-shot generate frees its cache
     with pytest.raises(ConfigError, match="needs use_cache=True"):
-        generate(m, p, 3, compile=True, use_cache=False)
+        Generator(m, compile=True, use_cache=False)

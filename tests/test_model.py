@@ -97,8 +97,8 @@ def test_kv_cache_matches_full_forward():
     with torch.no_grad():
         full = m(x)
         m.setup_cache(2, 32)
-        prefix = m(x[:, :6], pos=0)
-        steps = [m(x[:, i:i + 1], pos=i) for i in range(6, 15)]
+        prefix = m(x[:, :6], input_pos=torch.arange(6))
+        steps = [m(x[:, i:i + 1], input_pos=torch.tensor([i])) for i in range(6, 15)]
     m.clear_cache()
     inc = torch.cat([prefix] + steps, 1)
     assert torch.allclose(full, inc, atol=1e-5)

@@ -64,7 +64,8 @@ def test_activation_checkpointing_is_off_in_eval_and_decoding():
     with torch.no_grad():
         full = model(tokens)
         model.setup_cache(1, 8)
-        step = torch.cat([model(tokens[:, :4], pos=0), model(tokens[:, 4:], pos=4)], dim=1)
+        step = torch.cat([model(tokens[:, :4], input_pos=torch.arange(4)),
+                          model(tokens[:, 4:], input_pos=torch.arange(4, 8))], dim=1)
     assert calls[0] == 9  # 3 blocks x (1 full pass + 2 cached passes)
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
 

@@ -104,7 +104,7 @@ class ForecastSettings:
                                   "one-off compilation of ~10 s; docs/performance.md)")
 
     def validate(self) -> "ForecastSettings":
-        from ..model.generate import check_sampling
+        from ..model.generate import Sampling
 
         if self.context_frames < 1:
             raise ConfigError(f"--context-frames must be >= 1, got {self.context_frames}")
@@ -114,7 +114,7 @@ class ForecastSettings:
             raise ConfigError(f"--stride must be >= 1, got {self.stride}")
         if self.fps < 1:
             raise ConfigError(f"--fps must be >= 1, got {self.fps}")
-        check_sampling(self.temperature, self.top_k, self.top_p)
+        Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)  # checks them
         return self
 
     @property
@@ -322,7 +322,7 @@ def forecast(model, layout: VocabLayout, tokenizer, items: list[ForecastInput], 
     ``forecast.json`` under ``out``; return the report."""
     from safetensors.numpy import save_file
 
-    from ..model.generate import generate, visual_ids_mask
+    from ..model.generate import Sampling, generate, visual_ids_mask
     from ..train.optim import autocast_for
 
     out = Path(out)
@@ -337,9 +337,9 @@ def forecast(model, layout: VocabLayout, tokenizer, items: list[ForecastInput], 
 
     t0 = time.perf_counter()
     with autocast_for(device, "auto"):
-        seq = generate(model, prompt, N * hw, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                       greedy=s.greedy, seed=s.seed, allowed=visual_ids_mask(layout, device), progress=progress,
-                       compile=s.compile)
+        sampling = Sampling(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, greedy=s.greedy, seed=s.seed,
+                            allowed=visual_ids_mask(layout, device))
+        seq = generate(model, prompt, N * hw, sampling, compile=s.compile, progress=progress)
     if device.type == "cuda":
         torch.cuda.synchronize()
     gen_s = time.perf_counter() - t0

@@ -1,16 +1,22 @@
-"""Autoregressive generation: prefill once, then one forward per new token against the KV cache.
+"""Autoregressive generation, gpt-fast style: ``prefill`` the prompt into the KV cache once,
+then ``decode_one`` token at a time (``decode_n`` runs the loop and the sampling).
 
-``generate(model, prompt)`` is the fast path (static cache set up by ``Toto.setup_cache``);
-``generate(..., compile=True)`` decodes with a compiled one-token step over fixed shapes (on GPU
-replayed as a CUDA graph, as gpt-fast does); ``generate(..., use_cache=False)`` recomputes the whole prefix at every step. Both share the
-sampling code below, so with the same seed they draw the same random numbers in the same order:
-the uncached path is the reference the tests and the benchmark compare the cache against.
+``Generator(model)`` owns what generation needs beside the weights: the KV cache's size and,
+with ``compile=True``, the compiled one-token step (on GPU replayed as a CUDA graph). The
+compiled step lives on the ``Generator``, never on the model. ``generate(...)`` is one call of
+a fresh ``Generator``. ``use_cache=False`` recomputes the whole prefix with the training path at
+every step: the reference the tests and benchmarks compare the cache against. Both paths share
+``decode_n``, so with the same seed they draw the same random numbers in the same order.
 
-Sampling order per step: mask disallowed ids -> greedy argmax, or temperature -> top-k ->
-top-p (nucleus) -> one multinomial draw from a ``torch.Generator`` seeded by ``seed``.
+Sampling per step (``Sampling``): mask disallowed ids -> greedy argmax, or temperature ->
+top-k -> top-p (nucleus) -> one multinomial draw from a ``torch.Generator`` seeded by ``seed``.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -24,6 +30,32 @@ def visual_ids_mask(layout: VocabLayout, device: torch.device | str = "cpu") -> 
     allowed = torch.zeros(layout.vocab_size, dtype=torch.bool, device=device)
     allowed[layout.code_offset:layout.code_offset + layout.n_codes] = True
     return allowed
+
+
+@dataclass(frozen=True, eq=False)
+class Sampling:
+    """How the next id is picked from a step's logits; checked on construction."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    greedy: bool = False  # argmax (after the ``allowed`` mask); the other fields are then unused
+    seed: int | None = None  # None: torch's global random state
+    allowed: torch.Tensor | None = None  # (vocab,) bool: ids that may be generated (visual_ids_mask)
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0 (use greedy decoding for argmax), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"top_k must be >= 1 (or unset), got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must lie in (0, 1] (or unset), got {self.top_p}")
+        if self.allowed is not None:
+            if self.allowed.dim() != 1 or self.allowed.dtype != torch.bool:
+                raise ConfigError(f"allowed must be a (vocab,) bool mask, got {tuple(self.allowed.shape)} "
+                                  f"{self.allowed.dtype}")
+            if not bool(self.allowed.any()):
+                raise ConfigError("allowed masks out every token id")
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -43,135 +75,134 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature > 0:
-        raise ConfigError(f"temperature must be > 0 (use greedy decoding for argmax), got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k must be >= 1 (or unset), got {top_k}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ConfigError(f"top_p must lie in (0, 1] (or unset), got {top_p}")
-
-
-def pick_next(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,
-              top_p: float | None = None, greedy: bool = False, allowed: torch.Tensor | None = None,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+def pick_next(logits: torch.Tensor, s: Sampling = Sampling(), rng: torch.Generator | None = None) -> torch.Tensor:
     """``logits: (B, V)`` of the next position -> ``next ids: (B,) int64``."""
     logits = logits.float()
-    if allowed is not None:
-        logits = logits.masked_fill(~allowed, float("-inf"))
-    if greedy:
+    if s.allowed is not None:
+        logits = logits.masked_fill(~s.allowed, float("-inf"))
+    if s.greedy:
         return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None:
-        logits = top_k_filter(logits, top_k)
-    if top_p is not None and top_p < 1:
-        logits = top_p_filter(logits, top_p)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    logits = logits / s.temperature
+    if s.top_k is not None:
+        logits = top_k_filter(logits, s.top_k)
+    if s.top_p is not None and s.top_p < 1:
+        logits = top_p_filter(logits, s.top_p)
+    return torch.multinomial(logits.softmax(-1), 1, generator=rng).squeeze(-1)
 
 
-def _check_cache(model, batch: int, length: int) -> bool:
-    """True when the caller set up a cache (then it must fit); False when generate owns one."""
-    cache = model.layers[0].attn.cache
-    if cache is None:
-        return False
-    cb, cl = cache.k.shape[0], cache.k.shape[2]
-    if cb < batch or cl < length:
-        raise ConfigError(f"the model's KV cache holds batch {cb} x {cl} positions, but generating needs "
-                          f"batch {batch} x {length} positions (prompt + new tokens); call "
-                          f"model.setup_cache({batch}, {length}) or clear_cache() and let generate allocate it")
-    return True
+def prefill(model, prompt: torch.Tensor) -> torch.Tensor:
+    """Write ``prompt: (B, T0)`` into the KV cache at positions ``0..T0-1``; return the
+    next-token logits ``(B, V)``."""
+    return model(prompt, input_pos=torch.arange(prompt.shape[1], device=prompt.device))[:, -1]
 
 
-def compiled_decoder(model):
-    """``step(tokens (B, 1), pos (1,)) -> logits (B, 1, V)``, compiled once per model and reused by
-    later calls. CUDA: mode "reduce-overhead" (CUDA graphs: one launch per token instead of
-    one per kernel). Elsewhere the default inductor mode. ``fullgraph`` makes a graph break an
-    error rather than a silent slowdown."""
-    step = getattr(model, "_compiled_decode", None)
-    if step is None:
-        cuda = model.head.weight.device.type == "cuda"
-        step = torch.compile(model, mode="reduce-overhead" if cuda else None, fullgraph=True, dynamic=False)
-        object.__setattr__(model, "_compiled_decode", step)  # a plain attribute, not a submodule of itself
-    return step
+def decode_one(model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """One cached step: ``token: (B, 1)`` at ``input_pos: (1,)`` -> next-token logits ``(B, V)``.
+    Shapes never depend on the position, so this is the function ``Generator`` compiles."""
+    return model(token, input_pos=input_pos)[:, -1]
 
 
-@torch.no_grad()
-def generate(model, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             seed: int | None = None, allowed: torch.Tensor | None = None, *, use_cache: bool = True,
-             return_logits: bool = False, progress: bool = False, compile: bool = False):
-    """Continue ``prompt: (B, T0) int64`` by ``max_new_tokens`` ids -> ``(B, T0 + N) int64``.
+def decode_n(step: Callable[[torch.Tensor, int], torch.Tensor], logits: torch.Tensor, out: torch.Tensor,
+             start: int, s: Sampling, rng: torch.Generator | None = None, *,
+             step_logits: torch.Tensor | None = None, progress: bool = False) -> None:
+    """Fill ``out[:, start:]`` one id at a time: pick from ``logits``, write it at position ``p``,
+    then ``step(out, p)`` gives the logits after it. ``step_logits: (B, N, V)`` records each
+    step's logits (before sampling)."""
+    end = out.shape[1]
+    for p in tqdm(range(start, end), desc="generate", unit="tok", disable=not progress, leave=False):
+        if step_logits is not None:
+            step_logits[:, p - start] = logits.float()
+        out[:, p] = pick_next(logits, s, rng)
+        if p + 1 < end:
+            logits = step(out, p)
 
-    ``allowed: (vocab,) bool`` restricts which ids may be generated (e.g. ``visual_ids_mask``).
-    With ``return_logits`` also returns the raw model logits of every step, ``(B, N, V)`` float32.
-    ``compile`` pays a one-off compilation (tens of seconds) for faster decoding afterwards: worth
-    it on GPU for long or repeated generations (``benchmarks/bench_generate.py`` measures it). It
-    leaves a full-context KV cache on the model for the next call; ``model.clear_cache()`` frees it.
+
+class Generator:
+    """Generation with one model: sizes the model's KV cache and holds the compiled step.
+
+    ``compile=True`` pays a one-off compilation (tens of seconds) for faster decoding after it:
+    worth it on GPU for long or repeated generations (``benchmarks/bench_generate.py``). CUDA:
+    mode "reduce-overhead" (CUDA graphs: one launch per token instead of one per kernel);
+    ``fullgraph`` makes a graph break an error rather than a silent slowdown. The compiled step
+    wants fixed shapes, so it keeps a full-context cache between calls (``close()`` frees it).
+    Eager decoding uses a cache already on the model when it fits, else allocates one of exactly
+    prompt + new tokens (attention spans the whole cache) and frees it afterwards.
     """
-    if compile and not use_cache:
-        raise ConfigError("compile=True compiles the cached decode step; it needs use_cache=True")
-    if prompt.dim() != 2 or prompt.shape[1] < 1:
-        raise ConfigError(f"prompt must be (B, T0) with T0 >= 1, got shape {tuple(prompt.shape)}")
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_sampling(temperature, top_k, top_p)
-    B, T0 = prompt.shape
-    total = T0 + max_new_tokens
-    ctx = model.cfg.max_seq_len
-    if total > ctx:
-        raise ConfigError(f"prompt of {T0} tokens + {max_new_tokens} new tokens = {total} exceeds the model "
-                          f"context max_seq_len={ctx}")
-    V = model.cfg.vocab_size
-    if allowed is not None:
-        if allowed.shape != (V,) or allowed.dtype != torch.bool:
-            raise ConfigError(f"allowed must be a ({V},) bool mask, got {tuple(allowed.shape)} {allowed.dtype}")
-        if not bool(allowed.any()):
-            raise ConfigError("allowed masks out every token id")
-    device = model.head.weight.device
-    prompt = prompt.to(device=device, dtype=torch.long)
-    if allowed is not None:
-        allowed = allowed.to(device)
-    gen = None
-    if seed is not None and not greedy:
-        gen = torch.Generator(device=device).manual_seed(seed)
-    out = torch.empty(B, total, dtype=torch.long, device=device)
-    out[:, :T0] = prompt
-    step_logits = torch.empty(B, max_new_tokens, V, dtype=torch.float32, device=device) if return_logits else None
-    if max_new_tokens == 0:
+
+    def __init__(self, model, *, compile: bool = False, use_cache: bool = True):
+        if compile and not use_cache:
+            raise ConfigError("compile=True compiles the cached decode step; it needs use_cache=True")
+        self.model, self.use_cache, self.compiled = model, use_cache, compile
+        self._decode = decode_one
+        if compile:
+            cuda = model.head.weight.device.type == "cuda"
+            self._decode = torch.compile(decode_one, mode="reduce-overhead" if cuda else None,
+                                         fullgraph=True, dynamic=False)
+
+    def close(self) -> None:
+        """Free the model's KV cache."""
+        self.model.clear_cache()
+
+    def _reserve(self, batch: int, length: int) -> bool:
+        """Make the model's cache hold ``batch x length``; True when this call allocated it."""
+        model, ctx = self.model, self.model.cfg.max_seq_len
+        have = model.layers[0].attn.cache
+        if self.compiled:  # fixed shapes: full context, and the largest batch seen so far
+            if have is None or have.k.shape[0] < batch or have.k.shape[2] != ctx:
+                model.setup_cache(max(batch, 0 if have is None else have.k.shape[0]), ctx)
+            return False
+        if have is not None and have.k.shape[0] >= batch and have.k.shape[2] >= length:
+            return False  # set up by the caller or by a compiled Generator: use it, leave it
+        model.setup_cache(batch, length)
+        return True
+
+    @torch.no_grad()
+    def __call__(self, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(), *,
+                 return_logits: bool = False, progress: bool = False):
+        """Continue ``prompt: (B, T0) int64`` by ``max_new_tokens`` ids -> ``(B, T0 + N) int64``;
+        with ``return_logits`` also the raw logits of every step, ``(B, N, V)`` float32."""
+        model, s = self.model, sampling
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ConfigError(f"prompt must be (B, T0) with T0 >= 1, got shape {tuple(prompt.shape)}")
+        if max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        B, T0 = prompt.shape
+        total, ctx, V = T0 + max_new_tokens, model.cfg.max_seq_len, model.cfg.vocab_size
+        if total > ctx:
+            raise ConfigError(f"prompt of {T0} tokens + {max_new_tokens} new tokens = {total} exceeds the model "
+                              f"context max_seq_len={ctx}")
+        if s.allowed is not None and s.allowed.shape != (V,):
+            raise ConfigError(f"allowed must be a ({V},) bool mask, got {tuple(s.allowed.shape)}")
+        device = model.head.weight.device
+        if s.allowed is not None:
+            s = dataclasses.replace(s, allowed=s.allowed.to(device))
+        rng = None if s.seed is None or s.greedy else torch.Generator(device=device).manual_seed(s.seed)
+        out = torch.empty(B, total, dtype=torch.long, device=device)
+        out[:, :T0] = prompt.to(device=device, dtype=torch.long)
+        step_logits = torch.empty(B, max_new_tokens, V, dtype=torch.float32, device=device) if return_logits else None
+        if max_new_tokens:
+            if self.use_cache:
+                owned = self._reserve(B, total)
+                try:
+                    logits = prefill(model, out[:, :T0])
+                    decode_n(lambda o, p: self._decode(model, o[:, p:p + 1], torch.tensor([p], device=device)),
+                             logits, out, T0, s, rng, step_logits=step_logits, progress=progress)
+                finally:
+                    if owned:
+                        self.close()
+            else:
+                decode_n(lambda o, p: model(o[:, :p + 1])[:, -1], model(out[:, :T0])[:, -1], out, T0, s, rng,
+                         step_logits=step_logits, progress=progress)
         return (out, step_logits) if return_logits else out
 
-    owns_cache = False
-    decode = compiled_decoder(model) if compile else None
-    if use_cache:
-        kept = getattr(model, "_kept_cache", None)
-        if kept is not None and kept is model.layers[0].attn.cache and kept.k.shape[0] < B:
-            model.clear_cache()  # the cache an earlier compile=True call left is too small: replace it
-        owns_cache = not _check_cache(model, B, total)
-        if owns_cache and compile:  # a full-context cache that stays, so later calls reuse the compiled step
-            model.setup_cache(B, ctx)
-            object.__setattr__(model, "_kept_cache", model.layers[0].attn.cache)  # not a submodule
-            owns_cache = False
-        elif owns_cache:
-            model.setup_cache(B, total)
+
+def generate(model, prompt: torch.Tensor, max_new_tokens: int, sampling: Sampling = Sampling(), *,
+             compile: bool = False, use_cache: bool = True, return_logits: bool = False, progress: bool = False):
+    """One generation with a fresh ``Generator`` (its cache is freed afterwards); keep a
+    ``Generator`` to reuse a compiled step across calls."""
+    gen = Generator(model, compile=compile, use_cache=use_cache)
     try:
-        logits = model(prompt, pos=0)[:, -1] if use_cache else model(prompt)[:, -1]
-        for i in tqdm(range(max_new_tokens), desc="generate", unit="tok", disable=not progress, leave=False):
-            if return_logits:
-                step_logits[:, i] = logits.float()
-            nxt = pick_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                            allowed=allowed, generator=gen)
-            p = T0 + i
-            out[:, p] = nxt
-            if i + 1 == max_new_tokens:
-                break
-            if decode is not None:
-                logits = decode(nxt[:, None], pos=torch.tensor([p], device=device))[:, -1]
-            elif use_cache:
-                logits = model(nxt[:, None], pos=p)[:, -1]
-            else:
-                logits = model(out[:, :p + 1])[:, -1]
+        return gen(prompt, max_new_tokens, sampling, return_logits=return_logits, progress=progress)
     finally:
-        if owns_cache:
-            model.clear_cache()
-    return (out, step_logits) if return_logits else out
+        if compile:
+            gen.close()

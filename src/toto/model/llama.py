@@ -1,7 +1,7 @@
 """The Toto model: a LLaMA-style causal transformer over visual tokens, in one file.
 
 Reads top to bottom: config (toto.config.ModelConfig), RMSNorm, rotary embeddings, attention
-(with an optional static KV cache for generation), SwiGLU MLP, block, model.
+(a training path, and a KV-cache path at tensor positions for generation), SwiGLU MLP, block, model.
 
 Choices worth knowing:
 - RoPE uses the "rotate half" pair layout (dimension i pairs with i + head_dim/2), the layout
@@ -75,7 +75,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values ``(B, H, max_len, D)``; one slice write per new token."""
+    """Preallocated keys/values ``(B, H, max_len, D)``, written at tensor positions.
+
+    The one cache writer: ``index_copy_`` at ``input_pos`` and the whole buffers back, so the
+    shapes never change from step to step (what torch.compile and CUDA graphs need, as in
+    gpt-fast). Positions past the newest token hold stale or zero entries; the attention mask
+    built from ``input_pos`` hides them."""
 
     def __init__(self, batch: int, n_heads: int, max_len: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device):
@@ -84,21 +89,10 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
-        B, _, T, _ = k.shape
-        if B > self.k.shape[0] or pos + T > self.k.shape[2]:
-            raise ValueError(f"KV cache of batch {self.k.shape[0]} and length {self.k.shape[2]} cannot "
-                             f"hold batch {B} at positions {pos}..{pos + T - 1}")
-        self.k[:B, :, pos:pos + T] = k
-        self.v[:B, :, pos:pos + T] = v
-        return self.k[:B, :, :pos + T], self.v[:B, :, :pos + T]
-
-    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """One token at tensor position ``pos: (1,)``; returns the whole buffers. Shapes never
-        change from step to step, which is what torch.compile and CUDA graphs need."""
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B = k.shape[0]
-        self.k[:B].index_copy_(2, pos, k)
-        self.v[:B].index_copy_(2, pos, v)
+        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
         return self.k[:B], self.v[:B]
 
 
@@ -112,22 +106,17 @@ class Attention(nn.Module):
         self.cache: KVCache | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                pos: int | torch.Tensor | None) -> torch.Tensor:
+                input_pos: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Two paths: ``input_pos`` None is the training pass (causal, no cache); otherwise the
+        tokens sit at ``input_pos: (T,)``, are written to the cache, and attend over the whole
+        cache under ``mask: (T, max_len)``."""
         B, T, C = x.shape
         q, k, v = self.wqkv(x).view(B, T, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if pos is None:  # plain causal pass over the whole sequence
+        if input_pos is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        elif torch.is_tensor(pos):  # static-shape decode of one token: attend over the whole cache, masked
-            k, v = self.cache.write_at(pos, k, v)
-            mask = (torch.arange(k.shape[2], device=x.device) <= pos)[None, :]  # (1, L)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
-        else:  # incremental pass: attend to everything cached so far plus these T tokens
-            k, v = self.cache.update(pos, k, v)
-            mask = None
-            if T > 1:
-                i = torch.arange(T, device=x.device)[:, None] + pos
-                mask = torch.arange(k.shape[2], device=x.device)[None, :] <= i
+        else:
+            k, v = self.cache.update(input_pos, k, v)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.wo(y.transpose(1, 2).reshape(B, T, C))
 
@@ -153,8 +142,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, pos=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, pos)
+    def forward(self, x, cos, sin, input_pos=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, input_pos, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -221,38 +210,50 @@ class Toto(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def _check(self, tokens: torch.Tensor, start: int) -> None:
+    def _check(self, tokens: torch.Tensor, input_pos: torch.Tensor | None) -> None:
+        """Shape checks only: reading position values would sync a GPU at every decode step
+        (``generate.Generator`` checks them as Python ints before it builds ``input_pos``)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
-        if start + tokens.shape[1] > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start + tokens.shape[1]} tokens exceeds the model context "
-                             f"max_seq_len={self.cfg.max_seq_len}")
+        B, T = tokens.shape
+        if input_pos is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens exceeds the model context "
+                                 f"max_seq_len={self.cfg.max_seq_len}")
+            return
+        cache = self.layers[0].attn.cache
+        if cache is None:
+            raise RuntimeError("call setup_cache(batch, max_len) before decoding with input_pos=")
+        if input_pos.shape != (T,):
+            raise ValueError(f"input_pos must be ({T},), one position per token, got {tuple(input_pos.shape)}")
+        if B > cache.k.shape[0] or T > cache.k.shape[2]:
+            raise ValueError(f"KV cache of batch {cache.k.shape[0]} and length {cache.k.shape[2]} cannot "
+                             f"hold {B} x {T} tokens")
 
-    def layer_stream(self, tokens: torch.Tensor, upto: int, pos: int | torch.Tensor | None = None):
+    def layer_stream(self, tokens: torch.Tensor, upto: int, input_pos: torch.Tensor | None = None):
         """Yield the residual stream ``(B, T, dim)`` after the embedding (layer 0) and after each
         block up to block ``upto``. Public so a caller can act between layers (the online probe
         trains a layer's probes before the next block runs); most callers want ``forward``."""
-        if torch.is_tensor(pos):  # one token at a tensor position (``generate(compile=True)``)
-            if tokens.shape[1] != 1 or pos.shape != (1,):
-                raise ValueError(f"a tensor pos decodes one token: need tokens (B, 1) and pos (1,), got "
-                                 f"{tuple(tokens.shape)} and {tuple(pos.shape)}")
-            cos, sin = self.rope_cos[pos], self.rope_sin[pos]
-        else:
-            start = pos or 0
-            self._check(tokens, start)
+        self._check(tokens, input_pos)
+        mask = None
+        if input_pos is None:
             T = tokens.shape[1]
-            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:  # token t sees the cache slots at or before its own position
+            cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+            slots = torch.arange(self.layers[0].attn.cache.k.shape[2], device=tokens.device)
+            mask = slots[None, :] <= input_pos[:, None]  # (T, max_len)
         x = self.tok_emb(tokens)
         yield x
         for block in self.layers[:upto]:
-            if self.activation_checkpointing and self.training and pos is None:
+            if self.activation_checkpointing and self.training and input_pos is None:
                 x = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x = block(x, cos, sin, pos)
+                x = block(x, cos, sin, input_pos, mask)
             yield x
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, *,
-                pos: int | torch.Tensor | None = None, layers: list[int] | None = None,
+                input_pos: torch.Tensor | None = None, layers: list[int] | None = None,
                 stop_at: int | None = None):
         """Logits ``(B, T, V)``; with ``targets: (B, T)`` the pair (logits, mean NLL, ignore index -1).
 
@@ -261,13 +262,11 @@ class Toto(nn.Module):
         ``stop_at``: run only blocks ``1..stop_at`` and return just that dict (no head, no
         logits); a frozen probe or a head on an inner layer pays for the layers it reads.
 
-        ``pos`` switches to incremental decoding against the KV cache set up by
-        ``setup_cache``: ``tokens`` sit at positions ``pos .. pos + T - 1``. A ``(1,)`` int64
-        tensor ``pos`` decodes one token (``T == 1``) with shapes that do not depend on the
-        position, so the step can be compiled once and replayed as a CUDA graph.
+        ``input_pos: (T,) int64`` switches to cached decoding (gpt-fast style) against the KV
+        cache of ``setup_cache``: ``tokens`` sit at these positions (a prompt at ``arange(T)``,
+        one new token at ``[p]``). Shapes do not depend on the position values, so a one-token
+        step compiles once and replays as a CUDA graph (``toto.model.generate``).
         """
-        if pos is not None and self.layers[0].attn.cache is None:
-            raise RuntimeError("call setup_cache(batch, max_len) before decoding with pos=")
         n = len(self.layers)
         want = set(layers or ())
         bad = sorted(l for l in want if not 0 <= l <= n)
@@ -281,7 +280,7 @@ class Toto(nn.Module):
             if want and max(want) > stop_at:
                 raise ValueError(f"layers {sorted(want)} lie beyond stop_at={stop_at}")
         hidden, x = {}, None
-        for i, x in enumerate(self.layer_stream(tokens, n if stop_at is None else stop_at, pos)):
+        for i, x in enumerate(self.layer_stream(tokens, n if stop_at is None else stop_at, input_pos)):
             if i in want:
                 hidden[i] = x
         if stop_at is not None:
@@ -302,6 +301,8 @@ class Toto(nn.Module):
         return self.forward(tokens, layers=layers, stop_at=max(layers) if layers else 0)
 
     def setup_cache(self, batch: int, max_len: int | None = None) -> None:
+        """Allocate (or replace) a KV cache of ``batch x max_len`` positions for ``input_pos``
+        decoding; attention spans the whole cache, so a cache as long as the work is cheapest."""
         max_len = max_len or self.cfg.max_seq_len
         if max_len > self.cfg.max_seq_len:
             raise ValueError(f"cache length {max_len} exceeds the model context {self.cfg.max_seq_len}")
