@@ -184,9 +184,10 @@ class Generator:
             if self.use_cache:
                 owned = self._reserve(B, total)
                 try:
-                    logits = prefill(model, out[:, :T0])
-                    decode_n(lambda o, p: self._decode(model, o[:, p:p + 1], torch.tensor([p], device=device)),
-                             logits, out, T0, s, rng, step_logits=step_logits, progress=progress)
+                    positions = torch.arange(total, device=device)  # no host-to-device copy per step
+                    decode_n(lambda o, p: self._decode(model, o[:, p:p + 1], positions[p:p + 1]),
+                             prefill(model, out[:, :T0]), out, T0, s, rng, step_logits=step_logits,
+                             progress=progress)
                 finally:
                     if owned:
                         self.close()

@@ -91,8 +91,10 @@ class KVCache(nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         B = k.shape[0]
-        self.k[:B].index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v[:B].index_copy_(2, input_pos, v.to(self.v.dtype))
+        if k.dtype != self.k.dtype:  # bf16 autocast over an fp32 model
+            k, v = k.to(self.k.dtype), v.to(self.v.dtype)
+        self.k[:B].index_copy_(2, input_pos, k)
+        self.v[:B].index_copy_(2, input_pos, v)
         return self.k[:B], self.v[:B]
 
 
@@ -210,9 +212,9 @@ class Toto(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def _check(self, tokens: torch.Tensor, input_pos: torch.Tensor | None) -> None:
-        """Shape checks only: reading position values would sync a GPU at every decode step
-        (``generate.Generator`` checks them as Python ints before it builds ``input_pos``)."""
+    def _check(self, tokens: torch.Tensor, input_pos: torch.Tensor | None) -> KVCache | None:
+        """Shape checks only, and the cache for ``input_pos``: reading position values would
+        sync a GPU at every decode step (``generate.Generator`` checks them as Python ints)."""
         if tokens.dim() != 2:
             raise ValueError(f"tokens must be (B, T), got shape {tuple(tokens.shape)}")
         B, T = tokens.shape
@@ -220,7 +222,7 @@ class Toto(nn.Module):
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens exceeds the model context "
                                  f"max_seq_len={self.cfg.max_seq_len}")
-            return
+            return None
         cache = self.layers[0].attn.cache
         if cache is None:
             raise RuntimeError("call setup_cache(batch, max_len) before decoding with input_pos=")
@@ -229,20 +231,21 @@ class Toto(nn.Module):
         if B > cache.k.shape[0] or T > cache.k.shape[2]:
             raise ValueError(f"KV cache of batch {cache.k.shape[0]} and length {cache.k.shape[2]} cannot "
                              f"hold {B} x {T} tokens")
+        return cache
 
     def layer_stream(self, tokens: torch.Tensor, upto: int, input_pos: torch.Tensor | None = None):
         """Yield the residual stream ``(B, T, dim)`` after the embedding (layer 0) and after each
         block up to block ``upto``. Public so a caller can act between layers (the online probe
         trains a layer's probes before the next block runs); most callers want ``forward``."""
-        self._check(tokens, input_pos)
-        mask = None
-        if input_pos is None:
+        cache, mask = self._check(tokens, input_pos), None
+        if cache is None:
             T = tokens.shape[1]
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:  # token t sees the cache slots at or before its own position
             cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-            slots = torch.arange(self.layers[0].attn.cache.k.shape[2], device=tokens.device)
-            mask = slots[None, :] <= input_pos[:, None]  # (T, max_len)
+            # additive (T, max_len), built once per pass (every layer would convert a bool mask)
+            future = torch.arange(cache.k.shape[2], device=tokens.device) > input_pos.unsqueeze(-1)
+            mask = torch.zeros((), dtype=cache.k.dtype, device=tokens.device).masked_fill(future, float("-inf"))
         x = self.tok_emb(tokens)
         yield x
         for block in self.layers[:upto]:
