@@ -92,8 +92,11 @@ def pick_next(logits: torch.Tensor, s: Sampling = Sampling(), rng: torch.Generat
 
 def prefill(model, prompt: torch.Tensor) -> torch.Tensor:
     """Write ``prompt: (B, T0)`` into the KV cache at positions ``0..T0-1``; return the
-    next-token logits ``(B, V)``."""
-    return model(prompt, input_pos=torch.arange(prompt.shape[1], device=prompt.device))[:, -1]
+    next-token logits ``(B, V)``. The head runs on the last position only (at a 1k-token prompt
+    and an 8k vocabulary the other positions' logits would cost more than the blocks)."""
+    n = len(model.layers)
+    x = model(prompt, input_pos=torch.arange(prompt.shape[1], device=prompt.device), layers=[n], stop_at=n)[n]
+    return model.logits(x[:, -1])
 
 
 def decode_one(model, token: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:

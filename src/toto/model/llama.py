@@ -288,14 +288,20 @@ class Toto(nn.Module):
                 hidden[i] = x
         if stop_at is not None:
             return hidden
-        logits = self.head(self.norm(x))
-        if self.logit_scale != 1.0:  # muP only: otherwise skip a pass over (B, T, vocab) both ways
-            logits = logits * self.logit_scale
-        out = logits
+        out = logits = self.logits(x)
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
             out = (logits, loss)
         return out if layers is None else (out, hidden)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The output head on a last-layer residual stream ``(..., dim)`` -> ``(..., vocab)``:
+        public so a caller that needs a few positions (generation's prefill: the last one)
+        skips the head on the others."""
+        logits = self.head(self.norm(x))
+        if self.logit_scale != 1.0:  # muP only: otherwise skip a pass over (B, T, vocab) both ways
+            logits = logits * self.logit_scale
+        return logits
 
     @torch.no_grad()
     def hidden_states(self, tokens: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
