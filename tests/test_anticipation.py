@@ -16,15 +16,12 @@ from toto.data.sta import Detection, StaObject, StaRecord
 from toto.synth.sta import make_sta_release
 from toto.eval.anticipation import Pyramid, StaConfig, prepare, pyramid_layers
 from toto.data.sta import StaExample
+from conftest import tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from toto.config import build_config
-    from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
-    from toto.train.checkpoint import save_checkpoint
-    from toto.vocab import N_SPECIAL
 
     root = tmp_path_factory.mktemp("ant")
     rel = make_sta_release(root / "rel", n_train=8, n_val=4, n_test=2, width=64, height=64, context=8,
@@ -35,10 +32,7 @@ def setup(tmp_path_factory):
         frames = np.stack([f.reformat(width=32, height=32, format="rgb24").to_ndarray() for f in c.decode(video=0)])
     tok = PatchTokenizer.fit(frames, n_codes=16, patch=8, resolution=32, seed=0)
     tok.save(root / "tok.safetensors")
-    cfg = build_config("tiny", None, ["model.n_layers=4", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
-                                      f"model.vocab_size={16 + N_SPECIAL}", "model.max_seq_len=80"])
-    torch.manual_seed(0)
-    save_checkpoint(root / "run", 5, Toto(cfg.model), cfg, {"tokens": 0})
+    tiny_checkpoint(root / "run", 16, 80, step=5, n_layers=4)
     return rel, root / "tok.safetensors", root / "run", root
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import unreadable_val_dataset
+from conftest import tiny_checkpoint, unreadable_val_dataset
 from test_probe import _tiny_setup  # 2-class images, a patch tokenizer, a random tiny checkpoint
 
 from toto.cli import main
@@ -294,23 +294,16 @@ def test_finetuning_on_digits_learns(tmp_path):
     """scikit-learn's digits at 16 px, a 4x4 grid of patch codes: fine-tuning a tiny model (random
     init: its pre-training is not what this checks) with CE + NTP ends far above chance (10%)
     and above where its first epoch left it."""
-    from toto.config import build_config
     from toto.data.samples import write_digit_folders
     from toto.data.lists import scan_dataset
-    from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
-    from toto.train.checkpoint import save_checkpoint
     from toto.data.images import read_image
-    from toto.vocab import N_SPECIAL
 
     data = write_digit_folders(tmp_path / "digits", size=16)
     ds = scan_dataset(data, max_per_class=60)
     frames = np.stack([read_image(s.path, 16) for s in ds.splits["train"]])
     PatchTokenizer.fit(frames, n_codes=16, patch=4, resolution=16, seed=0).save(tmp_path / "tok.safetensors")
-    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
-                                      f"model.vocab_size={16 + N_SPECIAL}", "model.max_seq_len=32"])
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", 0, Toto(cfg.model), cfg, {"tokens": 0})
+    tiny_checkpoint(tmp_path / "run", 16, 32)
     out = tmp_path / "out"
     assert main(["finetune", "--checkpoint", str(tmp_path / "run"), "--tokenizer", str(tmp_path / "tok.safetensors"),
                  "--data", str(data), "--out", str(out), "--max-per-class", "60", "--epochs", "10",

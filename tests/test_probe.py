@@ -19,6 +19,7 @@ from toto.eval.probe import ProbeConfig, best_layer, train_probe
 from toto.tasks.base import topk_accuracy
 from toto.tasks.heads import AttentivePool, Probe
 from toto.train.optim import cosine_lr
+from conftest import tiny_checkpoint
 
 
 # -- attention pooling -------------------------------------------------------------------------
@@ -170,11 +171,7 @@ def test_scan_bad_layouts(tmp_path):
 def _tiny_setup(tmp_path: Path, n_codes: int = 8, resolution: int = 16):
     """A patch tokenizer, a random tiny checkpoint of matching vocabulary, and a 2-class image
     dataset whose classes differ in brightness; one train file is corrupt."""
-    from toto.config import build_config
-    from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
-    from toto.train.checkpoint import save_checkpoint
-    from toto.vocab import N_SPECIAL
 
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
@@ -189,11 +186,7 @@ def _tiny_setup(tmp_path: Path, n_codes: int = 8, resolution: int = 16):
     frames = np.stack([np.asarray(Image.open(p)) for p in sorted(root.glob("train/c*/*.png"))])
     tok = PatchTokenizer.fit(frames, n_codes=n_codes, patch=8, resolution=resolution, seed=0)
     tok.save(tmp_path / "tok.safetensors")
-    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2",
-                                      "model.ffn_dim=64", f"model.vocab_size={n_codes + N_SPECIAL}",
-                                      "model.max_seq_len=64"])
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", 7, Toto(cfg.model), cfg, {"tokens": 0})
+    tiny_checkpoint(tmp_path / "run", n_codes, 64, step=7)
     return root, tmp_path / "tok.safetensors", tmp_path / "run"
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import unreadable_val_dataset
+from conftest import tiny_checkpoint, unreadable_val_dataset
 from test_probe import _tiny_setup  # 2-class images (one broken file), a patch tokenizer, a random tiny checkpoint
 
 from toto.cli import main
@@ -28,23 +28,16 @@ def _args(run, tok, data, out, *extra):
 def digits(tmp_path_factory):
     """scikit-learn's digits at 16 px (20 per class and split: 200 train, 200 val), a 4x4 patch
     tokenizer and a random 2-layer checkpoint."""
-    from toto.config import build_config
     from toto.data.images import read_image
     from toto.data.samples import write_digit_folders
     from toto.data.lists import scan_dataset
-    from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
-    from toto.train.checkpoint import save_checkpoint
-    from toto.vocab import N_SPECIAL
 
     root = tmp_path_factory.mktemp("digits")
     data = write_digit_folders(root / "data", size=16)
     frames = np.stack([read_image(s.path, 16) for s in scan_dataset(data, 20).splits["train"]])
     PatchTokenizer.fit(frames, n_codes=16, patch=4, resolution=16, seed=0).save(root / "tok.safetensors")
-    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
-                                      f"model.vocab_size={16 + N_SPECIAL}", "model.max_seq_len=32"])
-    torch.manual_seed(0)
-    save_checkpoint(root / "run", 0, Toto(cfg.model), cfg, {"tokens": 0})
+    tiny_checkpoint(root / "run", 16, 32)
     return data, root / "tok.safetensors", root / "run"
 
 

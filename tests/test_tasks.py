@@ -16,16 +16,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from toto.ioutil import read_jsonl
+from conftest import tiny_checkpoint
 
 
 def _setup(tmp_path: Path):
     """2 classes differing in brightness: 10 train images, 3 val images (2 + 1), a patch
     tokenizer and a random tiny checkpoint."""
-    from toto.config import build_config
-    from toto.model.llama import Toto
     from toto.tokenizers.patch import PatchTokenizer
-    from toto.train.checkpoint import save_checkpoint
-    from toto.vocab import N_SPECIAL
 
     rng = np.random.default_rng(0)
     root = tmp_path / "data"
@@ -38,10 +35,7 @@ def _setup(tmp_path: Path):
                 Image.fromarray(img).save(p)
     frames = np.stack([np.asarray(Image.open(p)) for p in sorted(root.glob("train/c*/*.png"))])
     PatchTokenizer.fit(frames, n_codes=8, patch=8, resolution=16, seed=0).save(tmp_path / "tok.safetensors")
-    cfg = build_config("tiny", None, ["model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.ffn_dim=64",
-                                      f"model.vocab_size={8 + N_SPECIAL}", "model.max_seq_len=64"])
-    torch.manual_seed(0)
-    save_checkpoint(tmp_path / "run", 7, Toto(cfg.model), cfg, {"tokens": 0})
+    tiny_checkpoint(tmp_path / "run", 8, 64, step=7)
     return root, tmp_path / "tok.safetensors", tmp_path / "run"
 
 
