@@ -123,12 +123,12 @@ def test_compile_falls_back_to_eager_when_the_backend_fails(monkeypatch, capsys)
 
     from toto.train.trainer import _try_compile
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
     torch._dynamo.reset()
     model = tiny(n_layers=1).eval()
     tokens, _ = batch(model, B=1, T=8)
-    forward = _try_compile(model)
-    with torch.no_grad():
+    # inductor's own patch (monkeypatch's undo left the setting broken for later compile tests)
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}), torch.no_grad():
+        forward = _try_compile(model)
         out = forward(tokens)
         again = forward(tokens)  # later calls go straight to eager
         ref = model(tokens)
