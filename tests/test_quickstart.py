@@ -92,3 +92,21 @@ def test_paper_presets_probe_online_and_resume(tmp_path):
     (qs.paths["probe"] / "online_state").mkdir(parents=True)
     assert "--resume" in stage_args(paper)[1]
     assert "--online" not in stage_args(QuickstartOptions(out=tmp_path / "t"))[1]
+
+
+def test_cli_defaults_are_the_options_defaults():
+    """`toto quickstart` with no flags runs QuickstartOptions' defaults: the flags take them from
+    the dataclass, so the two cannot drift apart (the CATER clip count once did: 80 vs 48)."""
+    import dataclasses
+
+    from toto.cli import build_parser
+    from toto.quickstart import QuickstartOptions
+
+    args = build_parser().parse_args(["quickstart"])
+    defaults = QuickstartOptions()
+    for f in dataclasses.fields(QuickstartOptions):
+        if f.name == "progress":
+            continue
+        assert hasattr(args, f.name), f.name
+        got = Path(args.out) if f.name == "out" else getattr(args, f.name)
+        assert got == getattr(defaults, f.name), (f.name, got, getattr(defaults, f.name))

@@ -44,7 +44,7 @@ class QuickstartOptions:
     probe_epochs: int = 20
     probe_max_per_class: int | None = None
     finetune_epochs: int = 5  # 0 skips fine-tuning
-    cater_clips: int = 48  # CATER-style clips for the object-permanence stage (0 skips; needs toto[sim])
+    cater_clips: int = 80  # CATER-style clips for the object-permanence stage (0 skips; needs toto[sim])
     overrides: list[str] = field(default_factory=list)
     fresh: bool = False
     progress: bool = True

@@ -13,6 +13,7 @@ LOCKS_OUT = True  # cli.main holds --out's lock while this runs
 
 def add_arguments(p):
     from ..config import PRESETS
+    from ..quickstart import TINY_STEPS, QuickstartOptions as D  # the defaults live on the dataclass
 
     p.add_argument("--out", default="runs/quickstart", help="output folder (default runs/quickstart)")
     p.add_argument("--preset", choices=list(PRESETS), default="tiny",
@@ -27,17 +28,19 @@ def add_arguments(p):
     p.add_argument("--probe-data", metavar="ROOT", help="class-folder dataset (default: scikit-learn digits)")
     p.add_argument("--davis", metavar="ROOT", help="DAVIS-2017 layout folder (default: a synthetic set)")
     p.add_argument("--resolution", type=positive_int, help="frame size (default 64 for tiny, 128 for paper presets)")
-    p.add_argument("--n-codes", type=positive_int, default=256, help="codebook size of a fitted tokenizer (default 256)")
+    p.add_argument("--n-codes", type=positive_int, default=D.n_codes,
+                   help="codebook size of a fitted tokenizer (default %(default)s)")
     add_clips(p, clip=False)
-    p.add_argument("--steps", type=positive_int, help="pre-training steps (default: 800 for tiny, the preset's otherwise)")
-    p.add_argument("--probe-epochs", type=positive_int, default=20)
-    p.add_argument("--finetune-epochs", type=nonnegative_int, default=5,
-                   help="epochs of `toto finetune` on the best probed layer (default 5; 0 skips it)")
+    p.add_argument("--steps", type=positive_int, help=f"pre-training steps (default: {TINY_STEPS} for tiny, the preset's otherwise)")
+    p.add_argument("--probe-epochs", type=positive_int, default=D.probe_epochs, help="default %(default)s")
+    p.add_argument("--finetune-epochs", type=nonnegative_int, default=D.finetune_epochs,
+                   help="epochs of `toto finetune` on the best probed layer (default %(default)s; 0 skips it)")
     p.add_argument("--probe-max-per-class", type=positive_int, help="cap on probe images per class and split (default: all)")
-    p.add_argument("--moving-digits", type=nonnegative_int, default=240, help="moving-digit clips made for the tiny "
-                   "preset (default 240)")
-    p.add_argument("--cater-clips", type=int, default=80, help="CATER-style clips for the object-permanence "
-                   "stage (tiny preset; needs the sim extra and an offscreen GL; default 48, 0 skips it)")
+    p.add_argument("--moving-digits", type=nonnegative_int, default=D.moving_digits, help="moving-digit clips made "
+                   "for the tiny preset (default %(default)s)")
+    p.add_argument("--cater-clips", type=nonnegative_int, default=D.cater_clips, help="CATER-style clips for the "
+                   "object-permanence stage (tiny preset; needs the sim extra and an offscreen GL; default "
+                   "%(default)s, 0 skips it)")
     p.add_argument("--fresh", action="store_true", help="delete --out and redo every stage")
     p.add_argument("overrides", nargs="*", metavar="section.field=value", help="training config overrides")
 
