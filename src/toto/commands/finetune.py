@@ -32,7 +32,7 @@ def add_arguments(p):
 def run(args) -> int:
     from pathlib import Path
 
-    from ..tasks.base import world
+    from ..train.distributed import world
     from ..eval.finetune import FinetuneConfig, FinetuneJob
 
     cfg = job_config(FinetuneConfig, "finetune", args)

@@ -49,7 +49,7 @@ def add_arguments(p):
 def run(args) -> int:
     from ..errors import ConfigError
     from ..eval.probe import POOLINGS, ProbeConfig, ProbeJob
-    from ..tasks.base import world
+    from ..train.distributed import world
 
     poolings = [x.strip() for x in args.pooling.split(",") if x.strip()]
     bad = [x for x in poolings if x not in POOLINGS]

@@ -120,7 +120,8 @@ def run_eval(checkpoint: str, tokenizer: str, data: str, out, frames: int = 16, 
     ``out/results.json`` and ``results.md``; ``out/<mode>/<model>/`` holds each run's per-epoch
     state (a rerun resumes it) and ``val_predictions.npz``."""
     from ..ioutil import atomic_write_bytes, atomic_write_json
-    from ..tasks.base import TaskRun, world
+    from ..tasks.base import TaskRun
+    from ..train.distributed import world
     from .finetune import FinetuneConfig
     from .probe import ProbeConfig
 

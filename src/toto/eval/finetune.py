@@ -114,7 +114,8 @@ class FinetuneJob:
     progress: bool = True
 
     def run(self) -> dict:
-        from ..tasks.base import TaskRun, world
+        from ..tasks.base import TaskRun
+        from ..train.distributed import world
         from ..tasks.classify import ClassifyTask
 
         cfg = (self.cfg or FinetuneConfig()).validate()

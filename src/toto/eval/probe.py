@@ -209,7 +209,8 @@ class ProbeJob:
 
     def run(self) -> dict:
         from ..ioutil import atomic_write_json
-        from ..tasks.base import TaskRun, world
+        from ..tasks.base import TaskRun
+        from ..train.distributed import world
         from ..tasks.classify import ClassifyTask
 
         self.out = Path(self.out)
@@ -253,7 +254,8 @@ class ProbeJob:
         """Each layer's features extracted once into the feature cache, then that layer's probes
         trained on them, one layer in memory at a time."""
         from ..ioutil import atomic_write_json
-        from ..tasks.base import Split, TaskModel, fit, make_optimizer, rank0_first, world
+        from ..tasks.base import Split, TaskModel, fit, make_optimizer, rank0_first
+        from ..train.distributed import world
         from .features import FeatureExtractor
 
         device, main = run.torch_device, world()[0] == 0

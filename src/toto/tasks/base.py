@@ -43,22 +43,10 @@ from ..eval.backbone import Backbone, load_backbone
 from ..eval.features import code_features
 from ..ioutil import atomic_dir, atomic_write_bytes, atomic_write_json, verify_checksums
 from ..jobstate import refuse_changed, trim_metrics
+from ..train.distributed import all_sum, world
 from ..train.optim import adamw, autocast_for, cosine_lr, param_groups, set_lr, shift_targets
 
 # -- distributed pieces --------------------------------------------------------------------------
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size); (0, 1) outside a process group."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t
 
 
 class _AllSum(torch.autograd.Function):

@@ -63,12 +63,24 @@ def wrap_model(model: torch.nn.Module, mode: str, info: DistInfo, device: torch.
     raise ConfigError(f"train.parallel must be ddp or fsdp, got {mode!r}")
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a process group."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_sum(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over all ranks, in place (unchanged when run alone)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not dist.is_initialized():
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return all_sum(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
 
 
 def barrier() -> None:
